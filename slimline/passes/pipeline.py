@@ -1,0 +1,142 @@
+"""The pipeline: every pass, in the order it runs, one line each.
+
+After each pass the graph is verified: exact passes at tight tolerance, approximate passes
+against their share of the accuracy budget. A pass that raises or breaks its check is rolled
+back (the graph before it is kept) and the report says why. ``lossless`` runs exact passes only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
+
+from slimline.errors import ConfigError, SlimlineError
+from slimline.ir.graph import Graph
+from slimline.passes import canonicalize_linear, dead_code
+from slimline.passes.base import LayerDecision, PassContext, PassSpec, pass_spec
+from slimline.report import PassRecord, Report
+from slimline.verify import Verification
+
+__all__ = ["PIPELINE", "CLEANUPS", "MODES", "select_passes", "run_pipeline", "PipelineStep"]
+
+PIPELINE: list[PassSpec] = [
+    pass_spec(canonicalize_linear),  # one form for dense layers: aten.linear(x, W, b)
+    pass_spec(dead_code),            # drop nodes and weights nobody reads
+]
+
+# passes that always run, whatever `passes=` asks for: later passes rely on them
+CLEANUPS = frozenset({"canonicalize_linear", "dead_code"})
+MODES = ("lossless", "balanced", "max")
+
+
+@dataclass
+class PipelineStep:
+    spec: PassSpec
+    config: Any
+
+
+@dataclass
+class History:
+    """The graph after each applied pass, for bisecting a failing final check."""
+
+    original: Graph
+    applied: list[tuple[str, Graph]] = field(default_factory=list)
+
+
+def select_passes(mode: str, passes: Any, target: str) -> list[PipelineStep]:
+    """The steps to run for a mode, optionally narrowed by ``passes``.
+
+    ``passes`` is None (the mode's preset), a list of pass names, or a dict of pass name →
+    config overrides (a dict of field values, or a Config instance).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}", stage="configure", where="optimize(mode=...)",
+                          hint=f"use one of: {', '.join(MODES)}")
+    by_name = {spec.name: spec for spec in PIPELINE}
+    overrides: dict[str, Any] = {}
+    if passes is not None:
+        requested = dict(passes) if isinstance(passes, dict) else {name: None for name in passes}
+        unknown = sorted(set(requested) - set(by_name))
+        if unknown:
+            raise ConfigError(f"unknown pass name(s): {', '.join(map(repr, unknown))}",
+                              stage="configure", where="optimize(passes=...)",
+                              hint=f"valid passes: {', '.join(by_name)}")
+        overrides = requested
+    steps = []
+    for spec in PIPELINE:
+        wanted = spec.name in CLEANUPS or (spec.name in overrides if passes is not None
+                                           else (spec.exact or mode != "lossless"))
+        if not wanted:
+            continue
+        steps.append(PipelineStep(spec, _config(spec, overrides.get(spec.name))))
+    return steps
+
+
+def _config(spec: PassSpec, override: Any) -> Any:
+    if override is None:
+        return spec.config_type()
+    if isinstance(override, spec.config_type):
+        return override
+    if isinstance(override, dict):
+        known = {f.name for f in fields(spec.config_type)}
+        unknown = sorted(set(override) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for pass {spec.name!r}",
+                              stage="configure", where=f"passes[{spec.name!r}]",
+                              hint=f"options of {spec.name}: {', '.join(sorted(known))}")
+        return replace(spec.config_type(), **override)
+    raise ConfigError(f"config for pass {spec.name!r} must be a dict or {spec.config_type.__name__}",
+                      stage="configure", where=f"passes[{spec.name!r}]")
+
+
+def run_pipeline(graph: Graph, steps: list[PipelineStep], context: PassContext,
+                 check: Callable[[Graph, bool, float], Verification], report: Report
+                 ) -> tuple[Graph, History, list[LayerDecision]]:
+    """Run ``steps`` in order, verifying after each; roll back a pass that fails its check.
+
+    ``check(graph, exact, budget_share)`` compares the graph with the original model.
+    """
+    history = History(graph)
+    decisions: list[LayerDecision] = []
+    approximate = [s for s in steps if not s.spec.exact]
+    share = 1.0 / len(approximate) if approximate else 1.0
+    for step in steps:
+        spec = step.spec
+        if context.target not in spec.targets:
+            report.passes.append(PassRecord(spec.name, spec.exact, "skipped",
+                                            f"does not serve target {context.target!r}"))
+            continue
+        start = time.perf_counter()
+        candidate = graph.copy()
+        context.budget_share = None if spec.exact else share
+        try:
+            result = spec.run(candidate, step.config, context)
+        except SlimlineError as error:
+            report.passes.append(PassRecord(spec.name, spec.exact, "rolled back",
+                                            f"refused: {error.message}",
+                                            time.perf_counter() - start))
+            continue
+        except Exception as error:  # a pass bug must not take the user's run down
+            report.passes.append(PassRecord(spec.name, spec.exact, "rolled back",
+                                            f"pass raised {type(error).__name__}: {error}"[:300],
+                                            time.perf_counter() - start))
+            continue
+        if not result.changed:
+            report.passes.append(PassRecord(spec.name, spec.exact, "unchanged", "",
+                                            time.perf_counter() - start, result.stats))
+            decisions.extend(result.decisions)
+            continue
+        verification = check(result.graph, spec.exact, share)
+        seconds = time.perf_counter() - start
+        if not verification.passed:
+            report.passes.append(PassRecord(spec.name, spec.exact, "rolled back",
+                                            f"broke its check: {verification.verdict}", seconds,
+                                            result.stats, verification.to_json()))
+            continue
+        graph = result.graph
+        history.applied.append((spec.name, graph))
+        decisions.extend(result.decisions)
+        report.passes.append(PassRecord(spec.name, spec.exact, "applied", "", seconds,
+                                        result.stats, verification.to_json()))
+    return graph, history, decisions
