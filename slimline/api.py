@@ -45,8 +45,16 @@ class OptimizedModel:
         self.target = target
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return self.runner(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                return self.runner(*args, **kwargs)
+        except AssertionError as error:
+            if "Guard failed" not in str(error):
+                raise
+            raise InputError(f"inputs outside what the model was optimized for: {error}",
+                             stage="run", where=self.report.model,
+                             hint="sizes not declared dynamic are fixed at capture; pass "
+                                  "dynamic_shapes={'x': {0: 'batch'}} to optimize()") from None
 
     def __repr__(self) -> str:
         return f"OptimizedModel({self.report.model}, target={self.target!r}, mode={self.report.mode!r})"
