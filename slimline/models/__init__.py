@@ -8,10 +8,10 @@ example inputs to capture it with. ``DEFAULT_MODEL`` is what the CLI works on wh
     gpt-tiny           GPT, ~1.0M params, context 256          idx (1, 64) int64
     gpt-small, gpt     GPT, ~17.8M params, context 1024        idx (1, 128) int64
     gpt-small-decode   GPTDecode step of gpt-small             idx (1, 1), input_pos (1,), k_cache, v_cache
-    bert               BertEncoder, ~3.4M params               input_ids (2, 64), attention_mask (2, 64)
+    bert               BertEncoder, ~3.36M params              input_ids (2, 64), attention_mask (2, 64)
     vit                ViT for 8x8 digits, ~0.2M params        images (8, 1, 8, 8)
-    mixer              Mixer for 8x8 digits, ~0.15M params     images (8, 1, 8, 8)
-    hyena              Hyena, ~1.4M params, filters of 1024    idx (1, 1024) int64
+    mixer              Mixer for 8x8 digits, ~0.14M params     images (8, 1, 8, 8)
+    hyena              Hyena, ~1.35M params, filters of 1024   idx (1, 1024) int64
 
 Every factory takes ``weights: str | None = None``. ``None`` means seeded random weights;
 a path will name a trained checkpoint (safetensors) once checkpoint loading exists, and goes
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from slimline.errors import ConfigError
 from slimline.models.bert import BertConfig, BertEncoder
 from slimline.models.gpt import GPT, GPT_CONFIGS, GPTConfig, GPTDecode, GPTPrefill, generate
 from slimline.models.hyena import Hyena, HyenaConfig
@@ -59,8 +60,11 @@ def load_weights(model: nn.Module, weights: str | None) -> nn.Module:
     """Load a checkpoint into model; ``None`` keeps its seeded random weights."""
     if weights is None:
         return model
-    raise NotImplementedError(
-        f"loading checkpoint {weights!r} is not implemented yet; build the model with weights=None"
+    raise ConfigError(
+        f"cannot load checkpoint {weights!r}: checkpoint loading is not implemented yet",
+        stage="models",
+        where=type(model).__name__,
+        hint="build the model with weights=None (seeded random weights)",
     )
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.errors import ConfigError, InputError
+
 __all__ = ["BertConfig", "BertEncoder"]
 
 
@@ -44,7 +46,8 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}", stage="models",
+                              where="BertConfig", hint="pick n_head that divides d_model")
 
 
 def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,7 +129,8 @@ class BertEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, T = input_ids.shape
         if T > self.config.max_positions:
-            raise ValueError(f"sequence length {T} exceeds max_positions {self.config.max_positions}")
+            raise InputError(f"sequence length {T} exceeds max_positions {self.config.max_positions}", stage="models",
+                             where="BertEncoder.forward", hint="truncate the input or raise max_positions")
         positions = torch.arange(T, device=input_ids.device)  # (T,)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, C)
         x = self.ln_embedding(x)  # (B, T, C)

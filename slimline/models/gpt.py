@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.errors import ConfigError, InputError
+
 __all__ = [
     "GPTConfig",
     "GPT_CONFIGS",
@@ -64,9 +66,11 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}", stage="models",
+                              where="GPTConfig", hint="pick n_head that divides d_model")
         if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"head size {self.d_model // self.n_head} must be even for rotary")
+            raise ConfigError(f"head size {self.d_model // self.n_head} must be even for rotary positions",
+                              stage="models", where="GPTConfig", hint="change d_model or n_head")
 
     @property
     def head_size(self) -> int:
@@ -210,7 +214,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         if T > self.config.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.config.context_length}")
+            raise InputError(f"sequence length {T} exceeds context_length {self.config.context_length}", stage="models",
+                             where="GPT.forward", hint="feed at most context_length tokens")
         positions = torch.arange(T, device=idx.device)  # (T,)
         x = self.token_embedding(idx)  # (B, T, C)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs)
@@ -302,9 +307,12 @@ def generate(
     B, T = idx.shape
     total = T + max_new_tokens
     if total > model.config.context_length:
-        raise ValueError(
+        raise InputError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-            f"context_length {model.config.context_length}; shorten the prompt or generate fewer tokens"
+            f"context_length {model.config.context_length}",
+            stage="models",
+            where="generate",
+            hint="shorten the prompt or generate fewer tokens",
         )
     if max_new_tokens <= 0:
         return idx

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.errors import ConfigError, InputError
+
 __all__ = ["HyenaConfig", "Hyena", "ExplicitFilter", "ImplicitFilter", "causal_long_conv"]
 
 
@@ -61,7 +63,8 @@ class HyenaConfig:
 
     def __post_init__(self) -> None:
         if self.filter not in ("explicit", "implicit"):
-            raise ValueError(f"filter must be 'explicit' or 'implicit', got {self.filter!r}")
+            raise ConfigError(f"filter must be 'explicit' or 'implicit', got {self.filter!r}", stage="models",
+                              where="HyenaConfig")
 
 
 def causal_long_conv(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -191,7 +194,8 @@ class Hyena(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         if T > self.config.filter_length:
-            raise ValueError(f"sequence length {T} exceeds filter_length {self.config.filter_length}")
+            raise InputError(f"sequence length {T} exceeds filter_length {self.config.filter_length}", stage="models",
+                             where="Hyena.forward", hint="feed at most filter_length tokens")
         x = self.token_embedding(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)

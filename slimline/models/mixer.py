@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.errors import ConfigError
+
 from slimline.models.vit import patchify
 
 __all__ = ["MixerConfig", "Mixer"]
@@ -45,7 +47,8 @@ class MixerConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+            raise ConfigError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}",
+                              stage="models", where="MixerConfig")
 
     @property
     def num_patches(self) -> int:

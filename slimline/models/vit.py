@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimline.errors import ConfigError
+
 __all__ = ["ViTConfig", "ViT", "patchify"]
 
 
@@ -46,9 +48,11 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+            raise ConfigError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}",
+                              stage="models", where="ViTConfig")
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}", stage="models",
+                              where="ViTConfig", hint="pick n_head that divides d_model")
 
     @property
     def num_patches(self) -> int:
