@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import math
 import os
@@ -49,8 +50,10 @@ import onnxruntime as ort
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.export.dynamic_shapes import _DimHint
 
 from slimline.backends.onnxruntime import (
+    NONE_LEAVES_KEY,
     OUTPUT_SPEC_KEY,
     dump_output_spec,
     flat_input_tensors,
@@ -136,7 +139,8 @@ class ExportInfo:
         """A JSON-ready dict (paths as strings, the output spec as its JSON text)."""
         data = asdict(self)
         data["path"] = str(self.path)
-        data["external_data_path"] = str(self.external_data_path) if self.external_data_path else None
+        data["external_data_path"] = (str(self.external_data_path)
+                                      if self.external_data_path else None)
         data["output_spec"] = dump_output_spec(self.output_spec) if self.output_spec else None
         data["dynamic_axes"] = {name: {str(axis): symbol for axis, symbol in axes.items()}
                                 for name, axes in self.dynamic_axes.items()}
@@ -252,7 +256,7 @@ def export_onnx_model(gm: torch.nn.Module | torch.export.ExportedProgram, args: 
     args, kwargs = tuple(args), dict(kwargs or {})
     module = gm.module() if isinstance(gm, torch.export.ExportedProgram) else gm
 
-    reference, output_paths, output_spec = _reference_outputs(module, args, kwargs)
+    reference, output_paths, output_spec, none_leaves = _reference_outputs(module, args, kwargs)
 
     clock = time.perf_counter()
     exported, input_names, axis_names = _capture(gm, args, kwargs, dynamic_shapes)
@@ -271,7 +275,7 @@ def export_onnx_model(gm: torch.nn.Module | torch.export.ExportedProgram, args: 
             clock = time.perf_counter()
             program, messages = _convert(exported, version, output_names, optimize)
             caught += messages
-            program.model.metadata_props.update(_metadata(output_spec))
+            program.model.metadata_props.update(_metadata(output_spec, none_leaves))
             if axis_names:
                 program.rename_axes(axis_names)
             timings["convert"] = timings.get("convert", 0.0) + time.perf_counter() - clock
@@ -344,12 +348,14 @@ def _check_destination(path: str | os.PathLike) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ExportError(f"cannot write {str(path)!r}: {str(existing)!r} is a file, not a directory",
-                          stage=STAGE, where=str(path), hint="choose a path inside a directory")
+        raise ExportError(
+            f"cannot write {str(path)!r}: {str(existing)!r} is a file, not a directory",
+            stage=STAGE, where=str(path), hint="choose a path inside a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {str(path)!r}: directory {str(existing)!r} is not writable",
-                          stage=STAGE, where=str(path),
-                          hint="choose a writable output directory or fix its permissions")
+        raise ExportError(
+            f"cannot write {str(path)!r}: directory {str(existing)!r} is not writable",
+            stage=STAGE, where=str(path),
+            hint="choose a writable output directory or fix its permissions")
     return path
 
 
@@ -358,7 +364,8 @@ def _check_destination(path: str | os.PathLike) -> Path:
 
 
 def _reference_outputs(module: torch.nn.Module, args: tuple, kwargs: dict
-                       ) -> tuple[list[torch.Tensor], list[str], pytree.TreeSpec]:
+                       ) -> tuple[list[torch.Tensor], list[str], pytree.TreeSpec, list[int]]:
+    """Tensor outputs, their names (pytree paths), the output spec, indices of None leaves."""
     try:
         with torch.no_grad():
             outputs = module(*args, **kwargs)
@@ -368,17 +375,23 @@ def _reference_outputs(module: torch.nn.Module, args: tuple, kwargs: dict
             stage=STAGE, where=type(module).__name__,
             hint="pass example inputs of the structure the model was captured with") from error
     leaves_with_paths, spec = pytree.tree_flatten_with_path(outputs)
-    paths = [_path_name(key_path) for key_path, _leaf in leaves_with_paths]
-    for name, (_key_path, leaf) in zip(paths, leaves_with_paths):
-        if not isinstance(leaf, torch.Tensor):
+    tensors, paths, none_leaves = [], [], []
+    for index, (key_path, leaf) in enumerate(leaves_with_paths):
+        name = _path_name(key_path)
+        if leaf is None:  # no ONNX output; OrtModule puts the None back
+            none_leaves.append(index)
+        elif isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+            paths.append(name)
+        else:
             raise ExportError(
-                f"output {name!r} is a {type(leaf).__name__}, not a tensor; ONNX outputs are tensors",
-                stage=STAGE, where=f"output {name!r}",
+                f"output {name!r} is a {type(leaf).__name__}, not a tensor; ONNX outputs are "
+                f"tensors", stage=STAGE, where=f"output {name!r}",
                 hint="return only tensors (or containers of tensors) from forward()")
-    if not leaves_with_paths:
+    if not tensors:
         raise ExportError("the module returns no tensor", stage=STAGE, where="outputs",
                           hint="return the model's result from forward()")
-    return [leaf for _key_path, leaf in leaves_with_paths], paths, spec
+    return tensors, paths, spec, none_leaves
 
 
 def _path_name(key_path: tuple) -> str:
@@ -493,8 +506,7 @@ def _is_tensor_spec(spec: Any) -> bool:
     if isinstance(spec, dict):
         return all(isinstance(key, int) for key in spec)
     if isinstance(spec, (list, tuple)):
-        return all(item is None or isinstance(item, (int, Dim, torch.export.dynamic_shapes._DimHint))
-                   for item in spec)
+        return all(item is None or isinstance(item, (int, Dim, _DimHint)) for item in spec)
     return False
 
 
@@ -519,9 +531,10 @@ def _translate_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict
     try:
         names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
     except TypeError as error:
-        raise ExportError(f"the example inputs do not fit {type(module).__name__}.forward: {error}",
-                          stage=STAGE, where=f"{type(module).__name__}.forward",
-                          hint="pass inputs with the structure the model was captured with") from None
+        raise ExportError(
+            f"the example inputs do not fit {type(module).__name__}.forward: {error}",
+            stage=STAGE, where=f"{type(module).__name__}.forward",
+            hint="pass inputs with the structure the model was captured with") from None
     if isinstance(spec, dict) and all(key in names or value is None for key, value in spec.items()):
         return {name: spec.get(name) for name in names}
     if isinstance(spec, (list, tuple)) and len(spec) == len(names):
@@ -531,7 +544,8 @@ def _translate_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict
     if len(specs) != len(tensors):
         raise ExportError(
             f"dynamic_shapes names {len(specs)} tensors but the inputs hold {len(tensors)}",
-            stage=STAGE, where=f"{type(module).__name__}.forward{inspect.signature(module.forward)}",
+            stage=STAGE,
+            where=f"{type(module).__name__}.forward{inspect.signature(module.forward)}",
             hint="give dynamic_shapes keyed by these argument names, one entry per tensor")
     collection = torch.export.ShapesCollection()
     for tensor, tensor_spec in zip(tensors, specs):
@@ -544,22 +558,40 @@ def _translate_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict
 # 4. convert
 
 
+class _Collect(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "torchvision is not installed" not in message:  # one per registry build, noise
+            self.messages.append(_first_line(message))
+
+
 @contextlib.contextmanager
-def _quiet_exporter_logs() -> Iterator[None]:
-    # the exporter logs "torchvision is not installed" once per registry build
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _exporter_logs_into(messages: list[str]) -> Iterator[None]:
+    """Collect the exporter's (and its optimizer's) log warnings instead of printing them."""
+    # below torch.onnx, which has its own stderr handler
+    loggers = [logging.getLogger("torch.onnx._internal"), logging.getLogger("onnxscript")]
+    handler = _Collect(messages)
+    saved = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.propagate = False
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, propagate in zip(loggers, saved):
+            logger.removeHandler(handler)
+            logger.propagate = propagate
 
 
 def _convert(exported: torch.export.ExportedProgram, opset: int, output_names: list[str],
              optimize: bool) -> tuple[torch.onnx.ONNXProgram, list[str]]:
     """``torch.onnx.export(exported, dynamo=True)``, with the torchlib registry built once."""
-    with warnings.catch_warnings(record=True) as caught, _quiet_exporter_logs():
+    logged: list[str] = []
+    with warnings.catch_warnings(record=True) as caught, _exporter_logs_into(logged):
         warnings.simplefilter("always")
         try:
             core_export, registry = _cached_registry_export(opset)
@@ -574,7 +606,7 @@ def _convert(exported: torch.export.ExportedProgram, opset: int, output_names: l
             raise _conversion_error(error, exported, opset) from error
     messages = [_first_line(item.message) for item in caught
                 if not issubclass(item.category, (DeprecationWarning, FutureWarning))]
-    return program, messages
+    return program, messages + logged
 
 
 @functools.lru_cache(maxsize=4)
@@ -663,9 +695,10 @@ class _Staged:
             self.published = True
             _fsync_directory(self.destination.parent)
         except OSError as error:
-            raise ExportError(f"cannot write {str(self.destination)!r}: {error.strerror or error}",
-                              stage=STAGE, where=str(self.destination),
-                              hint="check free disk space and the directory's permissions") from error
+            raise ExportError(
+                f"cannot write {str(self.destination)!r}: {error.strerror or error}",
+                stage=STAGE, where=str(self.destination),
+                hint="check free disk space and the directory's permissions") from error
 
 
 @contextlib.contextmanager
@@ -730,16 +763,15 @@ def _check_in_onnxruntime(model_path: Path, args: tuple, kwargs: dict,
                           hint="export with check=False and inspect the file, or try another "
                                "opset (opset=23 or 18)") from error
     if len(outputs) != len(reference):
-        raise ExportError(f"the ONNX model has {len(outputs)} outputs, torch returns {len(reference)}",
-                          stage=STAGE, where="outputs", hint="report this: the exporter dropped "
-                          "or added an output")
+        raise ExportError(
+            f"the ONNX model has {len(outputs)} outputs, torch returns {len(reference)}",
+            stage=STAGE, where="outputs",
+            hint="report this: the exporter dropped or added an output")
     checks = [_compare(name, expected, actual, rtol, atol)
               for name, expected, actual in zip(output_names, reference, outputs)]
     failed = [check for check in checks if not check.passed]
     if failed:
-        detail = "; ".join(
-            f"{check.name}: {check.problem or f'max abs {check.max_abs_error:.3g}, max rel {check.max_rel_error:.3g}'}"
-            f" (rtol {check.rtol:g}, atol {check.atol:g})" for check in failed)
+        detail = "; ".join(f"{check.name}: {_describe(check)}" for check in failed)
         error = ExportError(
             f"onnxruntime disagrees with torch on {len(failed)} of {len(checks)} outputs: {detail}",
             stage=STAGE, where=f"output {failed[0].name!r}",
@@ -748,6 +780,12 @@ def _check_in_onnxruntime(model_path: Path, args: tuple, kwargs: dict,
         error.output_checks = tuple(checks)
         raise error
     return checks
+
+
+def _describe(check: OutputCheck) -> str:
+    found = check.problem or (f"max abs error {check.max_abs_error:.3g}, "
+                              f"max rel error {check.max_rel_error:.3g}")
+    return f"{found} (rtol {check.rtol:g}, atol {check.atol:g})"
 
 
 def _compare(name: str, expected: torch.Tensor, actual: np.ndarray, rtol: float | None,
@@ -787,9 +825,13 @@ def _compare(name: str, expected: torch.Tensor, actual: np.ndarray, rtol: float 
 # helpers
 
 
-def _metadata(output_spec: pytree.TreeSpec) -> dict[str, str]:
+def _metadata(output_spec: pytree.TreeSpec, none_leaves: list[int]) -> dict[str, str]:
     text = dump_output_spec(output_spec)
-    return {OUTPUT_SPEC_KEY: text} if text is not None else {}
+    if text is None:
+        return {}
+    if none_leaves:
+        return {OUTPUT_SPEC_KEY: text, NONE_LEAVES_KEY: json.dumps(none_leaves)}
+    return {OUTPUT_SPEC_KEY: text}
 
 
 def _initializer_bytes(model: ir.Model) -> int:

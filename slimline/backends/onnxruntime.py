@@ -6,7 +6,9 @@ and non-tensor leaves dropped: the exporter baked those in as constants), handed
 as numpy arrays, and the outputs come back as torch tensors rebuilt into the model's own output
 structure (tuple, dict, Hugging Face ``ModelOutput``...). That structure is the pytree spec that
 :func:`~slimline.backends.onnx_export.export_onnx_model` stores in the file's metadata under
-``slimline.output_spec``; without it the outputs come back as a tuple (one output: the tensor).
+``slimline.output_spec`` (``None`` leaves, which have no ONNX output, are listed under
+``slimline.output_none_leaves``); without it the outputs come back as a tuple (one output: the
+tensor).
 
 :func:`ort_op_histogram` counts the operators of the graph ORT actually runs after its own graph
 optimizations (fused ``com.microsoft`` kernels included), which is what shows whether ORT fused
@@ -42,9 +44,11 @@ __all__ = [
     "missing_cpu_kernels",
     "OPTIMIZATION_LEVELS",
     "OUTPUT_SPEC_KEY",
+    "NONE_LEAVES_KEY",
 ]
 
 OUTPUT_SPEC_KEY = "slimline.output_spec"  # ONNX metadata key: the output pytree spec as JSON
+NONE_LEAVES_KEY = "slimline.output_none_leaves"  # JSON list: leaf indices that are None
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -101,8 +105,8 @@ def flat_input_tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
 def _to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
     if tensor.dtype == torch.bfloat16 or tensor.is_complex():
         raise InputError(
-            f"input {name!r} has dtype {tensor.dtype}, which onnxruntime's CPU provider cannot take "
-            f"from numpy", stage="onnxruntime", where=f"input {name!r}",
+            f"input {name!r} has dtype {tensor.dtype}, which onnxruntime's CPU provider cannot "
+            f"take from numpy", stage="onnxruntime", where=f"input {name!r}",
             hint="export and run the model in float32 (model.float()) for the CPU provider")
     return tensor.detach().to("cpu").contiguous().numpy()
 
@@ -185,7 +189,8 @@ class OrtModule:
             raise InputError(f"no ONNX file at {str(self.path)!r}", stage="onnxruntime",
                              where=str(self.path), hint="check the path, or export first")
         try:
-            self.session = make_session(self.path, graph_optimization_level=graph_optimization_level,
+            self.session = make_session(self.path,
+                                        graph_optimization_level=graph_optimization_level,
                                         intra_op_threads=intra_op_threads)
         except InputError:
             raise
@@ -195,12 +200,15 @@ class OrtModule:
                 stage="onnxruntime", where=str(self.path),
                 hint="re-export with slimline.export_onnx (it checks the file in ORT), or try "
                      "graph_optimization_level='basic'") from error
-        if output_spec is None:
-            stored = self.session.get_modelmeta().custom_metadata_map.get(OUTPUT_SPEC_KEY)
-            output_spec = load_output_spec(stored) if stored else None
-        if output_spec is not None and output_spec.num_leaves != len(self.output_names):
-            output_spec = None  # the file was edited after export; fall back to a tuple
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if output_spec is None and OUTPUT_SPEC_KEY in metadata:
+            output_spec = load_output_spec(metadata[OUTPUT_SPEC_KEY])
+        none_leaves = tuple(json.loads(metadata.get(NONE_LEAVES_KEY, "[]")))
+        if output_spec is not None and \
+                output_spec.num_leaves != len(self.output_names) + len(none_leaves):
+            output_spec = None  # not this file's structure: fall back to a tuple
         self.output_spec = output_spec
+        self.none_leaves = none_leaves if output_spec is not None else ()
 
     @property
     def input_names(self) -> list[str]:
@@ -229,7 +237,10 @@ class OrtModule:
         device = next((t.device for t in flat_input_tensors(args, kwargs)), torch.device("cpu"))
         tensors = [torch.from_numpy(np.asarray(array)).to(device) for array in arrays]
         if self.output_spec is not None:
-            return pytree.tree_unflatten(tensors, self.output_spec)
+            leaves: list[torch.Tensor | None] = list(tensors)
+            for index in self.none_leaves:
+                leaves.insert(index, None)
+            return pytree.tree_unflatten(leaves, self.output_spec)
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
     def __repr__(self) -> str:

@@ -5,9 +5,11 @@ Shape letters: B batch, S sequence, D model width, H heads, Dh head width.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ from slimline.backends.onnx_export import (
     onnxruntime_max_opset,
 )
 from slimline.backends.onnxruntime import (
+    OUTPUT_SPEC_KEY,
     OrtModule,
     load_ort_module,
     missing_cpu_kernels,
@@ -168,15 +171,28 @@ def test_static_export_keeps_fixed_shapes(exported, kind):
 def test_output_structure_round_trips(exported):
     model, example, info = exported["attention", True]
     assert info.output_names == ("hidden", "extras.0", "extras.1")
-    result = load_ort_module(info.path, intra_op_threads=1, graph_optimization_level="basic")(*example)
+    runner = load_ort_module(info.path, intra_op_threads=1, graph_optimization_level="basic")
+    result = runner(*example)
     assert isinstance(result, dict) and list(result) == ["hidden", "extras"]
     assert isinstance(result["extras"], tuple) and len(result["extras"]) == 2
     assert result["extras"][1].shape == () and result["hidden"].dtype == torch.float32
     with torch.no_grad():
         assert _max_error(result, model(*example)) <= TOLERANCE
-    # without the stored spec the outputs come back flat, in ONNX output order
-    flat = OrtModule(info.path, output_spec=torch.utils._pytree.tree_flatten((1, 2, 3))[1])(*example)
+    # an explicit spec overrides the stored one
+    flat_spec = torch.utils._pytree.tree_flatten((1, 2, 3))[1]
+    flat = OrtModule(info.path, output_spec=flat_spec)(*example)
     assert isinstance(flat, tuple) and len(flat) == 3
+
+
+def test_file_without_stored_spec_returns_flat_outputs(exported, tmp_path):
+    _model_, example, info = exported["attention", False]
+    proto = onnx.load(str(info.path))
+    assert [entry.key for entry in proto.metadata_props] == [OUTPUT_SPEC_KEY]
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    outputs = OrtModule(tmp_path / "bare.onnx")(*example)
+    assert isinstance(outputs, tuple) and [tuple(t.shape) for t in outputs] == [
+        (2, 5, 32), (2, 4, 5, 8), ()]
 
 
 def test_tuple_output_and_renamed_signature(tmp_path):
@@ -197,16 +213,61 @@ def test_tuple_output_and_renamed_signature(tmp_path):
     assert _max_error(result, Pair()(*other)) <= TOLERANCE
 
 
-def test_external_data_is_written_next_to_the_model(tmp_path):
+def test_pass_added_parameter_and_none_outputs_round_trip(tmp_path):
+    class Returns(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return y, None, {"again": y, "input": x}
+
+    model, example = Returns().eval(), (torch.randn(2, 4),)
+    gm = torch.export.export(model, example, strict=False).module()
+    # what a pass does: register a new parameter and use it through a get_attr node
+    gm.register_parameter("slimline_scale", torch.nn.Parameter(torch.full((4,), 2.0),
+                                                               requires_grad=False))
+    linear = next(node for node in gm.graph.nodes if node.target == torch.ops.aten.linear.default)
+    with gm.graph.inserting_after(linear):
+        scale = gm.graph.get_attr("slimline_scale")
+    with gm.graph.inserting_after(scale):
+        scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (linear, scale))
+    linear.replace_all_uses_with(scaled)
+    scaled.args = (linear, scale)
+    gm.recompile()
+
+    info = export_onnx_model(gm, example, None, tmp_path / "model.onnx")
+    assert info.output_names == ("output_0", "output_2.again", "output_2.input")
+    assert any("None output" in message for message in info.warnings)  # logged, not printed
+    result = OrtModule(info.path)(*example)
+    assert result[1] is None and set(result[2]) == {"again", "input"}
+    with torch.no_grad():
+        expected = 2 * model.linear(example[0])
+    assert float((result[0] - expected).abs().max()) <= TOLERANCE
+    assert torch.equal(result[2]["input"], example[0])
+
+
+def test_large_model_weights_go_to_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "LARGE_MODEL_BYTES", 1024)  # the MLP has ~2.6 KB of weights
     model, example = _model("mlp"), _inputs("mlp", batch=2, seq=0)
     gm = torch.export.export(model, example, strict=False).module()
-    info = export_onnx_model(gm, example, {}, tmp_path / "mlp.onnx", external_data=True)
+    info = export_onnx_model(gm, example, {}, tmp_path / "mlp.onnx")
     data = tmp_path / "mlp.onnx.data"
     assert info.external_data_path == data and data.is_file()
     assert info.file_size == info.path.stat().st_size + data.stat().st_size
     assert _leftovers(tmp_path) == ["mlp.onnx", "mlp.onnx.data"]
     with torch.no_grad():
         assert _max_error(OrtModule(info.path)(*example), model(*example)) <= TOLERANCE
+
+
+def test_export_info_is_json_ready(exported):
+    _model_, _example, info = exported["attention", True]
+    data = json.loads(json.dumps(info.to_dict()))
+    assert data["path"] == str(info.path) and data["opset"] == info.opset
+    assert data["dynamic_axes"]["hidden"] == {"0": "batch", "1": "seq"}
+    assert [check["name"] for check in data["output_checks"]] == list(info.output_names)
+    assert data["output_spec"]  # the pytree spec as JSON text
 
 
 def test_default_opset_is_supported_by_both_sides():
