@@ -15,14 +15,21 @@ The flow, one step per line of :func:`export_onnx_model`:
 6. only then ``os.replace`` the external data and the model into place. On any failure the
    temporary directory is removed and an existing file at the destination is left untouched.
 
-Opset: by default the highest both sides support — the exporter builds at torchlib's opset 18
-and converts with onnxscript's version converter (its supported maximum bounds the exporter),
-and onnxruntime is probed once. Opset ≥ 23 turns ``scaled_dot_product_attention`` into ONNX
-``Attention`` and ``rms_norm`` into ``RMSNormalization``. When the default opset fails to load
-in onnxruntime, 23 and then 18 are tried; :attr:`ExportInfo.opset_source` says what happened.
+Opset: by default the highest that torch's exporter emits (it builds at torchlib's opset 18 and
+converts with onnxscript's version converter, whose maximum bounds it; 25 here), that onnxruntime
+loads (probed once; 28 for ORT 1.32) and at which ORT has CPU *kernels* for the common ops
+(:data:`CORE_OPS`). The last condition matters: ORT matches a kernel registered "from version
+24 on" only to version 24 of an op, so a newer version with no kernel of its own (Attention-25)
+runs as its ONNX function body — 80 nodes instead of one for a small attention block, and
+slower. Opset 24 it is, with ORT 1.32. After conversion the graph's own ops are checked the same way and the opset
+lowered when one lacks a kernel; when the file fails to load in ORT, 23 and then 18 are tried.
+:attr:`ExportInfo.opset_source` says what happened. Opset ≥ 23 turns
+``scaled_dot_product_attention`` into ONNX ``Attention`` and ``rms_norm`` into
+``RMSNormalization`` (a hand-written RMSNorm, as in Hugging Face Llama, stays Pow/ReduceMean).
 
 The output pytree spec is stored in the file's metadata (``slimline.output_spec``) so that
 :class:`~slimline.backends.onnxruntime.OrtModule` rebuilds the model's own output structure.
+The exporter's warnings and log lines are collected into :attr:`ExportInfo.warnings`, not printed.
 """
 
 from __future__ import annotations

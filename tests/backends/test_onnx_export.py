@@ -144,6 +144,21 @@ def test_attention_exports_as_onnx_attention_with_ort_kernels(exported):
     assert ort_op_histogram(info.path).get("Attention") == 1
 
 
+@pytest.mark.skipif(not missing_cpu_kernels(["Attention"], 25),
+                    reason="this onnxruntime has a kernel for Attention-25")
+def test_opset_is_lowered_to_one_with_ort_kernels(tmp_path, monkeypatch):
+    model, example = _model("attention"), _inputs("attention", batch=2, seq=5)
+    gm = torch.export.export(model, example, strict=False).module()
+    requested = export_onnx_model(gm, example, None, tmp_path / "requested.onnx", opset=25)
+    assert requested.opset == 25 and requested.opset_source == "requested"
+    assert any("no CPU kernel for Attention-25" in message for message in requested.warnings)
+    assert "Attention" not in ort_op_histogram(requested.path)  # ORT expanded the function
+    monkeypatch.setattr(onnx_export, "default_opset", lambda: 25)  # as if CORE_OPS missed it
+    lowered = export_onnx_model(gm, example, None, tmp_path / "lowered.onnx")
+    assert lowered.opset == 24 and "lowered from 25 to 24" in lowered.opset_source
+    assert ort_op_histogram(lowered.path).get("Attention") == 1
+
+
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
 def test_dynamic_axes_are_dynamic(exported, kind):
     model, _example, info = exported[kind, True]
@@ -378,6 +393,9 @@ def test_onnxruntime_mismatch_raises_and_writes_nothing(tmp_path):
     checks = caught.value.output_checks
     assert len(checks) == 1 and not checks[0].passed and checks[0].max_abs_error >= 1.0
     assert _leftovers(tmp_path) == []
+    unchecked = export_onnx_model(CountsCalls(), (torch.ones(3),), None, tmp_path / "model.onnx",
+                                  check=False)
+    assert unchecked.output_checks == () and unchecked.path.is_file()
 
 
 def test_non_tensor_output_is_refused(tmp_path):
