@@ -188,6 +188,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
                 break
         where = locate_module(model, error) or type(model).__name__
         first_line = text.strip().splitlines()[0][:300]
+        suggested = re.search(r"Suggested fixes:\s*\n(.*?)(?:\n\n|$)", text, re.S)
+        if suggested:
+            fixes = "; ".join(line.strip() for line in suggested.group(1).splitlines() if line.strip())
+            hint = f"{hint} (torch.export suggests: {fixes})"
+        detail = re.findall(r"^\s*- (.+)$", text, re.M)
+        if detail:
+            first_line += " — " + " ".join(detail)[:400]
         raise CaptureError(f"cannot capture {type(model).__name__}: {construct} ({first_line})",
                            stage="capture", where=f"module {where!r}", hint=hint) from error
     module = exported.module()
