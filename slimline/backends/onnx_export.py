@@ -142,8 +142,8 @@ class ExportInfo:
     def max_rel_error(self) -> float:
         return max((check.max_rel_error for check in self.output_checks), default=0.0)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (paths as strings, the output spec as its JSON text)."""
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict, like ``Report.to_json`` (paths as strings, the spec as JSON text)."""
         data = asdict(self)
         data["path"] = str(self.path)
         data["external_data_path"] = (str(self.external_data_path)

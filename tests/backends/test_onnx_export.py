@@ -278,7 +278,7 @@ def test_large_model_weights_go_to_external_data(tmp_path, monkeypatch):
 
 def test_export_info_is_json_ready(exported):
     _model_, _example, info = exported["attention", True]
-    data = json.loads(json.dumps(info.to_dict()))
+    data = json.loads(json.dumps(info.to_json()))
     assert data["path"] == str(info.path) and data["opset"] == info.opset
     assert data["dynamic_axes"]["hidden"] == {"0": "batch", "1": "seq"}
     assert [check["name"] for check in data["output_checks"]] == list(info.output_names)
