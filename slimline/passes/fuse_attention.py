@@ -260,10 +260,9 @@ def _score_chain(graph: Graph, softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]
             return Reason("no Q·Kᵀ product before the softmax")
         if node.target in _SCORE_PRODUCTS:
             break
-        users = _users(node)
-        if len(users) != 1:
-            others = ", ".join(u.name for u in users if u is not (chain[-1] if chain else softmax))
-            return Reason(f"the attention scores are also used outside the attention (by {others})")
+        reason = _only_feeds(node, chain[-1] if chain else softmax, softmax)
+        if reason:
+            return reason
         chain.append(node)
         target = node.target
         if target in _CASTS | _IDENTITIES:
@@ -302,10 +301,23 @@ def _score_chain(graph: Graph, softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]
         else:
             return Reason(f"{_op_name(node)} between the Q·Kᵀ product and the softmax")
     product = node
-    if len(_users(product)) != 1:
-        return Reason("the Q·Kᵀ product is also used outside the attention")
+    reason = _only_feeds(product, chain[-1] if chain else softmax, softmax)
+    if reason:
+        return reason
     chain.reverse()                     # product-side first
     return _fold_chain(graph, product, chain)
+
+
+def _only_feeds(node: fx.Node, next_node: fx.Node, softmax: fx.Node) -> Reason | None:
+    """``node`` (scores on their way to the softmax) feeds only ``next_node``."""
+    others = [user for user in _users(node) if user is not next_node]
+    if not others:
+        return None
+    order = {n: index for index, n in enumerate(node.graph.nodes)}
+    if all(_depends_on(softmax, other, order) for other in others):
+        return Reason("mask depends on data: it is computed from the attention scores")
+    names = ", ".join(other.name for other in others)
+    return Reason(f"the attention scores are also used outside the attention (by {names})")
 
 
 def _fold_chain(graph: Graph, product: fx.Node, chain: list[fx.Node]

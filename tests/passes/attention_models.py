@@ -1,0 +1,179 @@
+"""Tiny attention modules, one per form the fuse_attention pass must match (or refuse).
+
+Shape letters: B batch, H heads, Hkv key/value heads, L query length, S key length, E head width.
+Every module takes ``x`` (B, L, C) and projects q, k, v itself, so the captured graph holds the
+attention the way a model writes it.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+B, L, C, H = 2, 6, 16, 4
+E = C // H
+
+
+class _Projections(nn.Module):
+    def __init__(self, kv_heads: int = H):
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.query = nn.Linear(C, H * E)
+        self.key = nn.Linear(C, kv_heads * E)
+        self.value = nn.Linear(C, kv_heads * E)
+
+    def heads(self, x):  # (B, L, C) -> q (B, H, L, E), k, v (B, Hkv, L, E)
+        q = self.query(x).view(B, L, H, E).transpose(1, 2)
+        k = self.key(x).view(B, L, self.kv_heads, E).transpose(1, 2)
+        v = self.value(x).view(B, L, self.kv_heads, E).transpose(1, 2)
+        return q, k, v
+
+
+def merge(y):  # (B, H, L, E) -> (B, L, C)
+    return y.transpose(1, 2).reshape(B, L, C)
+
+
+class ScaledMasked(_Projections):
+    """matmul · scale + additive (L, S) causal mask: nanoGPT-style."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        mask = torch.full((L, L), float("-inf")).triu(1)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * E ** -0.5 + mask
+        return merge(torch.matmul(F.softmax(scores, dim=-1), v))
+
+
+class DividedBoolFill(_Projections):
+    """/ sqrt(E), then masked_fill(padding, -inf) with a (B, 1, 1, S) boolean padding mask."""
+
+    def forward(self, x, padding):
+        q, k, v = self.heads(x)
+        scores = q @ k.transpose(2, 3) / math.sqrt(E)
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        return merge(F.softmax(scores, dim=-1) @ v)
+
+
+class WhereKeepMinimum(_Projections):
+    """mask before scale: where(keep, scores + bias, finfo.min) * scale, softmax in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(H, L, L))
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        keep = torch.ones(L, L, dtype=torch.bool).tril()
+        scores = torch.where(keep, q @ k.transpose(-1, -2) + self.bias, torch.finfo(torch.float32).min)
+        probs = F.softmax(scores * 0.3, dim=-1, dtype=torch.float32).to(q.dtype)
+        return merge(F.dropout(probs, p=0.1, training=self.training) @ v)
+
+
+class Einsum(_Projections):
+    """einsum on (B, L, H, E) layouts, as several research codebases write it."""
+
+    def forward(self, x):
+        q = self.query(x).view(B, L, H, E)
+        k = self.key(x).view(B, L, H, E)
+        v = self.value(x).view(B, L, H, E)
+        scores = torch.einsum("blhe,bshe->bhls", q, k) * E ** -0.5
+        return torch.einsum("bhls,bshe->blhe", scores.softmax(-1), v).reshape(B, L, C)
+
+
+class Batched3d(_Projections):
+    """bmm over (B·H, L, E), baddbmm with a bias and alpha = scale (older GPT-2 / BART code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(B * H, L, L))
+
+    def forward(self, x):
+        q, k, v = (t.reshape(B * H, L, E) for t in self.heads(x))
+        scores = torch.baddbmm(self.bias, q, k.transpose(1, 2), beta=0.5, alpha=E ** -0.5)
+        y = torch.bmm(torch.softmax(scores, dim=-1), v)
+        return y.view(B, H, L, E).transpose(1, 2).reshape(B, L, C)
+
+
+class RepeatKV(_Projections):
+    """grouped-query attention with transformers' repeat_kv (expand + reshape)."""
+
+    def __init__(self):
+        super().__init__(kv_heads=2)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        k, v = (t[:, :, None, :, :].expand(B, 2, H // 2, L, E).reshape(B, H, L, E) for t in (k, v))
+        scores = torch.matmul(q, k.transpose(2, 3)) * E ** -0.5
+        return merge(torch.matmul(scores.softmax(-1), v))
+
+
+class MultiQueryBroadcast(_Projections):
+    """one key/value head broadcast by matmul over the query heads."""
+
+    def __init__(self):
+        super().__init__(kv_heads=1)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * E ** -0.5
+        return merge(torch.matmul(scores.softmax(-1), v))
+
+
+class AlreadySdpa(_Projections):
+    """SDPA called by the model, with a (B, 1, 1, S) float padding mask ORT's CPU kernel rejects."""
+
+    def forward(self, x, padding):
+        q, k, v = self.heads(x)
+        mask = padding[:, None, None, :].float() * -1e9
+        return merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+# -- near-misses: look like attention, must not be fused ------------------------------------
+
+
+class ScoreDependentMask(_Projections):
+    """masks every score below its row's mean: the mask depends on the scores themselves."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        scores = q @ k.transpose(-2, -1) * E ** -0.5
+        scores = scores.masked_fill(scores < scores.mean(-1, keepdim=True), float("-inf"))
+        return merge(scores.softmax(-1) @ v)
+
+
+class SoftmaxOverQueries(_Projections):
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        scores = q @ k.transpose(-2, -1) * E ** -0.5
+        return merge(scores.softmax(-2) @ v)
+
+
+class ReturnsProbabilities(_Projections):
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        probs = (q @ k.transpose(-2, -1) * E ** -0.5).softmax(-1)
+        return merge(probs @ v), probs
+
+
+class ModerateFill(_Projections):
+    def forward(self, x, padding):
+        q, k, v = self.heads(x)
+        scores = (q @ k.transpose(-2, -1)).masked_fill(padding[:, None, None, :], -1e4)
+        return merge(scores.softmax(-1) @ v)
+
+
+class SoftCapped(_Projections):
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        scores = torch.tanh(q @ k.transpose(-2, -1) / 30.0) * 30.0
+        return merge(scores.softmax(-1) @ v)
+
+
+def example_inputs(module: nn.Module) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, C, generator=generator)
+    if "padding" in module.forward.__code__.co_varnames[:module.forward.__code__.co_argcount]:
+        padding = torch.zeros(B, L, dtype=torch.bool)
+        padding[1, L - 2:] = True
+        return x, padding
+    return (x,)

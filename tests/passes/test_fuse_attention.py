@@ -1,0 +1,295 @@
+"""fuse_attention: hand-written attention → one ``aten.scaled_dot_product_attention`` per site.
+
+Structural (which nodes go, which come, what the report counts) and numerical (original vs fused
+on the example inputs, fp32 relative error ≤ 1e-5; ONNX Runtime ≤ 1e-4) on:
+  - tiny modules, one per form the pass matches (``attention_models.py``) and per near-miss;
+  - slimline's reference GPT / BERT / ViT;
+  - transformers GPT-2, BERT, ViT, Llama, Qwen2 (GQA), T5, Whisper at tiny sizes, eager attention.
+"""
+
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+
+import slimline
+from slimline.ir.capture import capture
+from slimline.ir.graph import PROVENANCE_PASS, module_path
+from slimline.passes import fuse_attention
+from slimline.passes.base import PassContext
+from tests.passes import attention_models as forms
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+FP32_RTOL = 1e-5
+ORT_RTOL = 1e-4
+
+
+def _run_pass(module, inputs, config=None):
+    graph = capture(module, inputs)
+    result = fuse_attention.run(graph.copy(), config or fuse_attention.Config(),
+                                PassContext("cpu", "lossless"))
+    return graph, result
+
+
+def _calls(graph, *targets):
+    return [n for n in graph.fx.nodes if n.op == "call_function" and (not targets or n.target in targets)]
+
+
+def _relative_error(expected, actual) -> float:
+    expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)
+                and t.is_floating_point()]
+    actual = [t for t in torch.utils._pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)
+              and t.is_floating_point()]
+    assert len(expected) == len(actual) and expected
+    return max(((a - e).abs().max() / e.abs().max()).item() for e, a in zip(expected, actual))
+
+
+# ---------------------------------------------------------------------------------------------
+# forms: each becomes exactly one SDPA call, with the same numbers
+
+
+FORMS = [
+    (forms.ScaledMasked, "fused_scaled_mask"),
+    (forms.DividedBoolFill, "fused_scaled_mask"),
+    (forms.WhereKeepMinimum, "fused_scaled_bias"),
+    (forms.Einsum, "fused_scaled"),
+    (forms.Batched3d, "fused_scaled_mask"),
+    (forms.RepeatKV, "fused_scaled_gqa"),
+    (forms.MultiQueryBroadcast, "fused_scaled"),
+]
+
+
+@pytest.mark.parametrize("form, pattern", FORMS, ids=[f.__name__ for f, _ in FORMS])
+def test_form_becomes_one_sdpa_and_stays_exact(form, pattern):
+    model = form().eval()
+    inputs = forms.example_inputs(model)
+    graph, result = _run_pass(model, inputs)
+
+    assert len(_calls(graph, *SOFTMAXES)) == 1
+    assert result.changed and result.stats[pattern] == 1 and result.stats["near_miss"] == 0
+    assert _calls(result.graph, *SOFTMAXES) == []
+    assert _calls(result.graph, aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
+                  aten.einsum.default) == []
+    (fused,) = _calls(result.graph, SDPA)
+    assert fused.meta[PROVENANCE_PASS] == "fuse_attention"
+    assert fused.meta["val"].dim() == 4, "ONNX Attention takes 4-D operands"
+    (decision,) = result.decisions
+    assert decision.decision == "fused → sdpa" and decision.op == "attention" and not decision.why_not
+    assert _relative_error(model(*inputs), result.graph.run(inputs, {})) <= FP32_RTOL
+
+
+def test_scaled_masked_before_and_expected():
+    """Before: matmul, mul, add(mask), softmax, matmul.  Expected: sdpa(q, k, v, mask, scale)."""
+    model = forms.ScaledMasked().eval()
+    graph, result = _run_pass(model, forms.example_inputs(model))
+    before = [n.target for n in _calls(graph)]
+    assert [t for t in before if t in (aten.matmul.default, aten.mul.Tensor, aten.add.Tensor,
+                                       aten.softmax.int)] == \
+        [aten.matmul.default, aten.mul.Tensor, aten.add.Tensor, aten.softmax.int, aten.matmul.default]
+
+    (fused,) = _calls(result.graph, SDPA)
+    query, key, value = fused.args
+    assert fused.kwargs["scale"] == pytest.approx(forms.E ** -0.5)
+    assert "enable_gqa" not in fused.kwargs
+    # the model's own tensors go in: q and k as the model shaped them (no transpose back), and
+    # its (L, S) causal mask as is (already full length, no expand needed)
+    assert query.target == aten.transpose.int and key.target == aten.transpose.int
+    assert fused.kwargs["attn_mask"].target == aten.triu.default
+
+
+def test_grouped_query_attention_gets_unrepeated_kv():
+    model = forms.RepeatKV().eval()
+    inputs = forms.example_inputs(model)
+    _graph, result = _run_pass(model, inputs)
+    (fused,) = _calls(result.graph, SDPA)
+    assert fused.kwargs["enable_gqa"] is True
+    assert fused.args[1].meta["val"].shape[1] == 2 and fused.args[2].meta["val"].shape[1] == 2
+    assert _calls(result.graph, aten.expand.default) == [], "repeat_kv's copies are gone"
+
+    _graph, kept = _run_pass(model, inputs, fuse_attention.Config(unrepeat_kv=False))
+    (fused,) = _calls(kept.graph, SDPA)
+    assert "enable_gqa" not in fused.kwargs and fused.args[1].meta["val"].shape[1] == forms.H
+    assert kept.stats["fused_scaled"] == 1
+    assert _relative_error(model(*inputs), kept.graph.run(inputs, {})) <= FP32_RTOL
+
+
+def test_padding_mask_expanded_to_full_query_length():
+    """ORT's CPU Attention rejects a (B, 1, 1, S) mask: the pass gives it (B, 1, L, S)."""
+    model = forms.DividedBoolFill().eval()
+    _graph, result = _run_pass(model, forms.example_inputs(model))
+    (fused,) = _calls(result.graph, SDPA)
+    assert tuple(fused.kwargs["attn_mask"].meta["val"].shape) == (forms.B, 1, forms.L, forms.L)
+    assert fused.kwargs["attn_mask"].meta["val"].dtype == torch.float32
+
+
+def test_existing_sdpa_counted_and_normalized():
+    model = forms.AlreadySdpa().eval()
+    inputs = forms.example_inputs(model)
+    _graph, result = _run_pass(model, inputs)
+    assert result.stats["already_sdpa"] == 1 and result.stats["normalized_sdpa"] == 1
+    assert not any(k.startswith("fused_") for k in result.stats)
+    (node,) = _calls(result.graph, SDPA)
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs["attn_mask"]
+    assert tuple(mask.meta["val"].shape) == (forms.B, 1, forms.L, forms.L)
+    assert [d.decision for d in result.decisions] == ["already sdpa"]
+    assert _relative_error(model(*inputs), result.graph.run(inputs, {})) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# near-misses: left alone, with the reason in the report
+
+
+NEAR_MISSES = [
+    (forms.ScoreDependentMask, "mask depends on data"),
+    (forms.SoftmaxOverQueries, "softmax not over the last dim"),
+    (forms.ReturnsProbabilities, "probabilities are also used outside"),
+    (forms.ModerateFill, "not -inf"),
+    (forms.SoftCapped, "soft-capped"),
+]
+
+
+@pytest.mark.parametrize("form, why", NEAR_MISSES, ids=[f.__name__ for f, _ in NEAR_MISSES])
+def test_near_miss_is_kept_with_a_reason(form, why):
+    model = form().eval()
+    inputs = forms.example_inputs(model)
+    graph, result = _run_pass(model, inputs)
+    assert not result.changed and result.stats["near_miss"] == 1
+    assert _calls(result.graph, SDPA) == [] and len(_calls(result.graph, *SOFTMAXES)) == 1
+    (decision,) = result.decisions
+    assert decision.decision == "kept" and decision.op == "attention"
+    assert why in decision.why_not
+    assert [n.target for n in result.graph.fx.nodes] == [n.target for n in graph.fx.nodes]
+
+
+def test_near_miss_reaches_the_report():
+    model = forms.ScoreDependentMask().eval()
+    optimized = slimline.optimize(model, forms.example_inputs(model), mode="lossless", target="cpu")
+    attention = [layer for layer in optimized.report.layers if layer.op == "attention"]
+    assert len(attention) == 1 and "mask depends on data" in attention[0].why_not
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models, through slimline.optimize
+
+
+def _transformers_model(name: str):
+    """A tiny transformers model with eager attention, its inputs, and its attention-site count."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 8))
+    common = dict(attn_implementation="eager", use_cache=False)
+    if name == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100,
+                                         n_positions=32, bos_token_id=1, eos_token_id=2, **common)
+        return transformers.GPT2LMHeadModel(config), (ids,), {}, 2
+    if name == "bert":
+        config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
+                                         intermediate_size=64, vocab_size=100, **common)
+        padding = torch.ones(2, 8, dtype=torch.long)
+        padding[1, 5:] = 0
+        return transformers.BertModel(config), (ids,), {"attention_mask": padding}, 2
+    if name == "vit":
+        config = transformers.ViTConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
+                                        intermediate_size=64, image_size=16, patch_size=4,
+                                        attn_implementation="eager")
+        return transformers.ViTModel(config), (torch.randn(2, 3, 16, 16),), {}, 2
+    if name in ("llama", "qwen2"):
+        config_type = transformers.LlamaConfig if name == "llama" else transformers.Qwen2Config
+        model_type = transformers.LlamaForCausalLM if name == "llama" else transformers.Qwen2ForCausalLM
+        config = config_type(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             hidden_size=32, intermediate_size=64, vocab_size=100, **common)
+        return model_type(config), (ids,), {}, 2
+    if name == "t5":
+        config = transformers.T5Config(num_layers=2, num_decoder_layers=2, num_heads=2, d_model=32,
+                                       d_kv=16, d_ff=64, vocab_size=100, **common)
+        decoder_ids = torch.randint(3, 100, (2, 6))
+        return transformers.T5Model(config), (ids,), {"decoder_input_ids": decoder_ids}, 2 + 2 * 2
+    if name == "whisper":
+        config = transformers.WhisperConfig(
+            encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+            d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=8,
+            max_source_positions=16, max_target_positions=16, **common)
+        features = torch.randn(2, 8, 32)  # (B, mel bins, 2 × max_source_positions frames)
+        decoder_ids = torch.randint(3, 100, (2, 6))
+        return transformers.WhisperModel(config), (features,), {"decoder_input_ids": decoder_ids}, 2 + 2 * 2
+    raise ValueError(name)
+
+
+def _reference_model(name: str):
+    from slimline.models import REFERENCE_MODELS
+
+    model, inputs = REFERENCE_MODELS[name]()
+    return model, tuple(inputs), {}, len(model.blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimized(source: str, name: str):
+    build = _reference_model if source == "reference" else _transformers_model
+    model, args, kwargs, sites = build(name)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = slimline.optimize(model, (args, kwargs), mode="lossless", target="cpu")
+    return model, args, kwargs, sites, optimized
+
+
+MODELS = [("reference", "gpt-tiny"), ("reference", "bert"), ("reference", "vit"),
+          ("transformers", "gpt2"), ("transformers", "bert"), ("transformers", "vit"),
+          ("transformers", "llama"), ("transformers", "qwen2"), ("transformers", "t5"),
+          ("transformers", "whisper")]
+
+
+@pytest.mark.parametrize("source, name", MODELS, ids=[f"{s}-{n}" for s, n in MODELS])
+def test_every_attention_site_fuses_exactly(source, name):
+    model, args, kwargs, sites, optimized = _optimized(source, name)
+    (record,) = [p for p in optimized.report.passes if p.name == "fuse_attention"]
+    assert record.status == "applied", record.reason
+    fused = sum(v for k, v in record.stats.items() if k.startswith("fused_"))
+    assert fused == sites and record.stats["near_miss"] == 0
+    if name in ("llama", "qwen2"):
+        assert record.stats["fused_scaled_mask_gqa"] == sites
+    if name == "t5":
+        assert record.stats["fused_unscaled_bias"] == sites  # no scaling; relative bias + mask
+
+    graph = optimized.graph
+    assert len(_calls(graph, SDPA)) == sites
+    assert _calls(graph, *SOFTMAXES) == [], "these models have no softmax outside attention"
+    layers = [layer for layer in optimized.report.layers if layer.op == "attention"]
+    assert len(layers) == sites and all(layer.decision == "fused → sdpa" for layer in layers)
+    assert len({layer.module_path for layer in layers}) == sites, "one line per attention module"
+    assert all(module_path(n) for n in _calls(graph, SDPA))
+    with torch.no_grad():
+        assert _relative_error(model(*args, **kwargs), optimized(*args, **kwargs)) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_onnx_export_holds_attention_and_matches_in_onnxruntime(name, tmp_path):
+    onnx_export = pytest.importorskip("slimline.backends.onnx_export")
+    model, args, kwargs, sites, optimized = _optimized("transformers", name)
+    graph = optimized.graph
+    info = onnx_export.export_onnx_model(graph.module, args, kwargs, tmp_path / f"{name}.onnx",
+                                         opset=23)
+    assert info.op_histogram.get("Attention") == sites
+    assert "Softmax" not in info.op_histogram
+    assert info.output_checks and info.max_rel_error <= ORT_RTOL
+    _check_in_onnxruntime(tmp_path / f"{name}.onnx", model, args, kwargs)
+
+
+def _check_in_onnxruntime(path, model, args, kwargs):
+    """Run the file ourselves: inputs in torch.export's flat order, first output vs torch."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    flat = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), flat)}
+    first = session.run(None, feeds)[0]
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(model(*args, **kwargs))[0]
+    error = (torch.from_numpy(first) - expected).abs().max() / expected.abs().max()
+    assert error.item() <= ORT_RTOL
+    assert math.isfinite(error.item())
