@@ -132,13 +132,22 @@ def optimize(model: torch.nn.Module, example_inputs: Any, target: str = "cpu", m
         budget = budget or MODE_BUDGETS[mode] or Budget("cosine", 0.0)
         samples = [(args, kwargs)] + _calibration_inputs(model, calibration)[:4]
 
+    # slimline optimizes for inference: the model is captured in eval mode, and every module's
+    # own training flag is put back afterwards, exactly as it was
+    training_flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        return _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, target, mode,
+                                 tune, dynamic_shapes, strict, workdir)
+    finally:
+        for module, flag in training_flags.items():
+            module.training = flag
+
+
+def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, target, mode, tune,
+                      dynamic_shapes, strict, workdir) -> OptimizedModel:
     with report.stage("reference run"):
-        was_training = model.training
-        model.eval()
-        try:
-            references = [_reference_run(model, a, k) for a, k in samples]
-        finally:
-            model.train(was_training)
+        references = [_reference_run(model, a, k) for a, k in samples]
 
     with report.stage("capture") as stage:
         graph = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)

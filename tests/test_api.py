@@ -61,10 +61,27 @@ def test_users_model_is_not_modified_bit_for_bit():
     assert not model.training or model.training == before_out.requires_grad
 
 
-def test_training_flag_is_restored():
+def test_training_flags_are_restored_module_by_module():
     model = MatmulMLP().train()
+    model.fc.eval()  # a mixed state must come back exactly
     slimline.optimize(model, (torch.randn(1, 2, 8),))
-    assert model.training
+    assert model.training and not model.fc.training
+
+
+def test_model_in_train_mode_is_captured_for_inference():
+    class WithDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.fc(x))
+
+    model = WithDropout().train()
+    x = torch.randn(4, 8)
+    opt = slimline.optimize(model, (x,))
+    torch.testing.assert_close(opt(x), model.eval()(x))
 
 
 @pytest.mark.parametrize("bad_model", [lambda x: x, "model.pt", None])
