@@ -234,21 +234,37 @@ def _leads_to_product(node: Any, depth: int = 12) -> bool:
     return False
 
 
-def _is_row_max_of(node: Any, source: fx.Node) -> bool:
-    """``node`` is ``amax(source, -1, keepdim=True)`` or ``max(source, -1, True)[0]``."""
+def _row_max_nodes(node: Any, source: fx.Node) -> list[fx.Node]:
+    """The nodes of ``amax(source, -1, keepdim=True)`` or ``max(source, -1, True)[0]`` (maybe
+    detached) when ``node`` is that row maximum, else ``[]``."""
+    nodes = []
     if _is_call(node, {aten.detach.default, aten.alias.default}):
+        nodes.append(node)
         node = node.args[0]
-    rank = _val(source).dim() if _val(source) is not None else None
+    rank = _val(source).dim() if _val(source) is not None else 0
     if _is_call(node, {aten.amax.default}) and node.args[0] is source:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        return keep and len(dims) == 1 and rank is not None and dims[0] % rank == rank - 1
-    if node is not None and _is_call(node) and node.target is operator.getitem and node.args[1] == 0:
+        if keep and len(dims) == 1 and rank and dims[0] % rank == rank - 1:
+            return nodes + [node]
+    if _is_call(node) and node.target is operator.getitem and node.args[1] == 0:
         reduction = node.args[0]
-        if _is_call(reduction, {aten.max.dim}) and reduction.args[0] is source and rank is not None:
+        if _is_call(reduction, {aten.max.dim}) and reduction.args[0] is source and rank:
             keep = reduction.args[2] if len(reduction.args) > 2 else reduction.kwargs.get("keepdim", False)
-            return bool(keep) and reduction.args[1] % rank == rank - 1
-    return False
+            unused = [u for u in reduction.users if u is not node]  # the argmax half
+            if keep and reduction.args[1] % rank == rank - 1 and not any(u.users for u in unused):
+                return nodes + [node, *unused, reduction]
+    return []
+
+
+def _is_row_max_of(node: Any, source: fx.Node) -> bool:
+    return bool(_row_max_nodes(node, source))
+
+
+def _side_nodes(chain: list[fx.Node]) -> list[fx.Node]:
+    """Nodes off the chain that the match consumes: row maxima subtracted for stability."""
+    return [side for node in chain if node.target == aten.sub.Tensor
+            for side in _row_max_nodes(node.args[1], node.args[0])]
 
 
 def _score_chain(graph: Graph, softmax: fx.Node) -> tuple[fx.Node, list[fx.Node], list[MaskTerm], float] | Reason:
@@ -310,7 +326,10 @@ def _score_chain(graph: Graph, softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]
 
 def _only_feeds(node: fx.Node, next_node: fx.Node, softmax: fx.Node) -> Reason | None:
     """``node`` (scores on their way to the softmax) feeds only ``next_node``."""
-    others = [user for user in _users(node) if user is not next_node]
+    allowed = {next_node}
+    if next_node.target == aten.sub.Tensor and next_node.args[0] is node:
+        allowed.update(_row_max_nodes(next_node.args[1], node))
+    others = [user for user in _users(node) if user not in allowed]
     if not others:
         return None
     order = {n: index for index, n in enumerate(node.graph.nodes)}
@@ -767,8 +786,10 @@ def _replace(graph: Graph, match: AttentionMatch, config: Config) -> fx.Node:
     if match.output_permutation:
         output = emit(aten.permute.default, output, match.output_permutation)
     site.replace_all_uses_with(output)
-    for node in [site] + match.prob_chain[::-1] + [match.softmax] + match.score_chain[::-1] + \
-            [match.score_product]:
+    order = {node: index for index, node in enumerate(graph.fx.nodes)}
+    spanned = [site, *match.prob_chain, match.softmax, *match.score_chain, match.score_product,
+               *_side_nodes(match.score_chain)]
+    for node in sorted(spanned, key=order.__getitem__, reverse=True):
         for user in list(node.users):
             if user.target in _ASSERTS:
                 graph.fx.erase_node(user)
@@ -820,8 +841,8 @@ def _reads_trainable_weight(graph: Graph, node: fx.Node) -> bool:
             tensor = graph.attribute(current)
             if tensor is not None and tensor.requires_grad:
                 return True
-        elif current.target != aten.detach.default:
-            stack.extend(current.all_input_nodes)
+        elif current.target != aten.detach.default and isinstance(_val(current), torch.Tensor):
+            stack.extend(current.all_input_nodes)  # sizes (sym_size) carry no gradient
     return False
 
 

@@ -128,6 +128,16 @@ class AlreadySdpa(_Projections):
         return merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+class RowMaxShifted(_Projections):
+    """subtracts the row maximum before the softmax (softmax-invariant), divides by sqrt(E)."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(E)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        return merge(scores.softmax(-1) @ v)
+
+
 # -- near-misses: look like attention, must not be fused ------------------------------------
 
 

@@ -60,6 +60,7 @@ FORMS = [
     (forms.Batched3d, "fused_scaled_mask"),
     (forms.RepeatKV, "fused_scaled_gqa"),
     (forms.MultiQueryBroadcast, "fused_scaled"),
+    (forms.RowMaxShifted, "fused_scaled"),
 ]
 
 
@@ -293,3 +294,37 @@ def _check_in_onnxruntime(path, model, args, kwargs):
     error = (torch.from_numpy(first) - expected).abs().max() / expected.abs().max()
     assert error.item() <= ORT_RTOL
     assert math.isfinite(error.item())
+
+
+def test_dynamic_batch_and_sequence(tmp_path):
+    """Reference BERT's (B, 1, 1, S) padding mask is expanded to a symbolic query length; the
+    export runs in ORT at a shape it was not captured with."""
+    onnx_export = pytest.importorskip("slimline.backends.onnx_export")
+    import onnxruntime
+
+    from slimline.models import REFERENCE_MODELS
+
+    model, inputs = REFERENCE_MODELS["bert"]()
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    optimized = slimline.optimize(model, inputs, dynamic_shapes=dynamic)
+    fused = _calls(optimized.graph, SDPA)
+    assert len(fused) == len(model.blocks)
+    mask = fused[0].kwargs["attn_mask"]
+    assert mask.target == aten.expand.default
+    assert any(getattr(size, "target", None) == aten.sym_size.int for size in mask.args[1])
+
+    path = tmp_path / "bert.onnx"
+    info = onnx_export.export_onnx_model(optimized.graph.module, inputs, {}, path,
+                                         dynamic_shapes=dynamic, opset=23)
+    assert info.op_histogram.get("Attention") == len(model.blocks)
+    input_ids = torch.randint(1, 256, (3, 20))
+    attention_mask = torch.ones(3, 20, dtype=torch.int64)
+    attention_mask[2, 9:] = 0
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (embeddings,) = session.run(None, dict(zip(names, (input_ids.numpy(), attention_mask.numpy()))))
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask)
+    assert _relative_error(expected, optimized(input_ids, attention_mask)) <= FP32_RTOL
+    assert _relative_error(expected, torch.from_numpy(embeddings)) <= ORT_RTOL
