@@ -103,6 +103,25 @@ def _reference_run(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
                               "expects; run model(*example_inputs) yourself first") from error
 
 
+def _is_low_precision(model: torch.nn.Module) -> bool:
+    from slimline.verify import LOW_PRECISION
+
+    return any(p.dtype in LOW_PRECISION for p in model.parameters())
+
+
+def _float32_references(model: torch.nn.Module, samples: list) -> list:
+    """Outputs of a float32 copy of ``model`` (the user's model stays as it is)."""
+    import copy
+
+    upcast = copy.deepcopy(model).float()
+    to32 = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
+    try:
+        return [_reference_run(upcast, *pytree.tree_map_only(torch.Tensor, to32, (a, k)))
+                for a, k in samples]
+    finally:
+        del upcast
+
+
 def _calibration_inputs(model: torch.nn.Module, calibration: Any) -> list[tuple[tuple, dict]]:
     if calibration is None:
         return []
@@ -146,8 +165,16 @@ def optimize(model: torch.nn.Module, example_inputs: Any, target: str = "cpu", m
 
 def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, target, mode, tune,
                       dynamic_shapes, strict, workdir) -> OptimizedModel:
-    with report.stage("reference run"):
+    with report.stage("reference run") as stage:
         references = [_reference_run(model, a, k) for a, k in samples]
+        # low-precision models: judge exact rewrites against a float32 copy (see slimline.verify)
+        exact_references, exact_rtol = references, None
+        if _is_low_precision(model):
+            exact_references = _float32_references(model, samples)
+            floor = compare_outputs(exact_references[0], references[0], exact=True, rtol=0.0)
+            exact_rtol = [max(2 * o.max_rel_error, 1e-3) for o in floor.outputs]
+            stage.detail = (f"low precision: float32 reference; noise floor of the original "
+                            f"{floor.max_rel_error:.2e}")
 
     with report.stage("capture") as stage:
         graph = capture(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -156,8 +183,10 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
 
     def check(candidate: Graph, exact: bool, share: float = 1.0) -> Verification:
         merged: Verification | None = None
-        for (a, k), reference in zip(samples, references):
+        chosen = exact_references if exact else references
+        for (a, k), reference in zip(samples, chosen):
             result = compare_outputs(reference, candidate.run(a, k), exact=exact,
+                                     rtol=exact_rtol if exact else None,
                                      min_cosine=budget.min_cosine(share))
             if merged is None:
                 merged = result
@@ -197,9 +226,9 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
 
     with report.stage("verify") as stage:
         exact = report.all_exact
-        rtol = _ONNX_RTOL if target == "onnxruntime" and exact else None
+        rtol = _ONNX_RTOL if target == "onnxruntime" and exact else (exact_rtol if exact else None)
         final: Verification | None = None
-        for (a, k), reference in zip(samples, references):
+        for (a, k), reference in zip(samples, exact_references if exact else references):
             with torch.no_grad():
                 result = compare_outputs(reference, runner(*a, **k), exact=exact, rtol=rtol,
                                          min_cosine=budget.min_cosine())

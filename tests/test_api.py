@@ -171,3 +171,14 @@ def test_report_json_written_atomically_and_unwritable_path(tmp_path):
         opt.report.write_json(blocker / "sub" / "report.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]  # no temp files left
+
+
+def test_low_precision_model_is_judged_against_a_float32_copy():
+    model = MatmulMLP().to(torch.bfloat16).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    opt = slimline.optimize(model, (x,))
+    stages = {s.name: s.detail for s in opt.report.stages}
+    assert "float32 reference" in stages["reference run"]
+    assert opt.report.verification["passed"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the user's model untouched
+    torch.testing.assert_close(opt(x), model(x), rtol=2e-2, atol=2e-2)
