@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -267,7 +267,8 @@ def _side_nodes(chain: list[fx.Node]) -> list[fx.Node]:
             for side in _row_max_nodes(node.args[1], node.args[0])]
 
 
-def _score_chain(graph: Graph, softmax: fx.Node) -> tuple[fx.Node, list[fx.Node], list[MaskTerm], float] | Reason:
+def _score_chain(graph: Graph, softmax: fx.Node
+                 ) -> tuple[fx.Node, list[fx.Node], list[MaskTerm], float] | Reason:
     """Walk from the softmax input back to the Q·Kᵀ product; collect scale and mask terms."""
     chain: list[fx.Node] = []           # softmax-side first
     node = softmax.args[0]
@@ -652,7 +653,6 @@ def _check(graph: Graph, match: AttentionMatch, config: Config) -> Reason | None
         dtype = _val(node).dtype
         if not dtype.is_floating_point or dtype.itemsize < scores.dtype.itemsize:
             return Reason(f"the scores are narrowed to {dtype} before the value product")
-    output = _val(match.value_product)
     for name, node in (("value", match.value), ("output", match.value_product)):
         if _val(node) is None or _val(node).dtype != scores.dtype:
             return Reason(f"the {name} is not {scores.dtype} like the scores")
@@ -769,9 +769,9 @@ def _replace(graph: Graph, match: AttentionMatch, config: Config) -> fx.Node:
         value = emit(aten.permute.default, value, match.value_permutation)
     mask = _build_mask(emit, match.terms, _val(match.score_product).dtype)
     rank = _val(query).dim()
-    for _ in range(4 - rank):            # ONNX Attention takes 4-D operands only; a lower-rank
+    for _ in range(4 - rank):            # ONNX Attention takes 4-D operands only (bmm forms are
         query, key, value = (emit(aten.unsqueeze.default, t, 0) for t in (query, key, value))
-        # mask still broadcasts from the right
+        # 3-D); the mask needs no unsqueeze: it still broadcasts from the right
     if mask is not None and config.expand_mask:
         mask = _expand_mask(emit, mask, query, key)
     if mask is not None:
