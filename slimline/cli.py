@@ -18,13 +18,20 @@ from slimline.errors import ConfigError, SlimlineError
 __all__ = ["main"]
 
 
-def _load(spec: str | None) -> tuple[Any, tuple, dict, str]:
-    from slimline.models import DEFAULT_MODEL
+def _load(spec: str | None) -> tuple[Any, tuple, dict, str, Any]:
+    """The model a spec names, its example inputs, and the dynamic dimensions it is known to have."""
+    from slimline.models import DEFAULT_MODEL, REFERENCE_MODELS, reference_dynamic_shapes
     from slimline.models.spec import load_model_spec
+    from slimline.models.zoo import ZOO, zoo_dynamic_shapes
 
     name = spec or DEFAULT_MODEL
     model, args, kwargs = load_model_spec(name)
-    return model, args, kwargs, name
+    dynamic = None
+    if name in REFERENCE_MODELS:
+        dynamic = reference_dynamic_shapes(name)
+    elif name in ZOO:
+        dynamic = zoo_dynamic_shapes(name)
+    return model, args, kwargs, name, dynamic
 
 
 def _budget(text: str | None, metric: str) -> Any:
@@ -52,13 +59,14 @@ def _optimize(arguments: argparse.Namespace) -> Any:
 
     with _progress(2, "slimline") as bar:
         bar.set_postfix_str("loading model")
-        model, args, kwargs, name = _load(arguments.model)
+        model, args, kwargs, name, dynamic = _load(arguments.model)
         bar.update()
         bar.set_postfix_str("capture, passes, verify")
         optimized = slimline.optimize(model, (args, kwargs), target=arguments.target,
                                       mode=arguments.mode,
                                       budget=_budget(arguments.budget, arguments.metric),
                                       passes=arguments.passes.split(",") if arguments.passes else None,
+                                      dynamic_shapes=None if arguments.static else dynamic,
                                       name=name)
         bar.update()
     return model, args, kwargs, optimized
@@ -116,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--passes", default=None, help="comma-separated pass names")
         sub.add_argument("--budget", default=None, help="accuracy budget, e.g. 1%% or 0.01")
         sub.add_argument("--metric", default="cosine", help="budget metric (default: cosine)")
+        sub.add_argument("--static", action="store_true",
+                         help="capture with the example's fixed sizes (no dynamic batch/sequence)")
 
     optimize = commands.add_parser("optimize", help="optimize a model, write report.json and model.onnx")
     model_options(optimize)

@@ -38,6 +38,9 @@ def atomic_path(path: str | os.PathLike, stage: str = "write") -> Iterator[Path]
     target = check_writable_dir(path, stage)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual mode
     try:
         yield Path(temporary)
         with open(temporary, "rb+") as stream:

@@ -160,8 +160,10 @@ class Report:
             lines.append(f"bisect: first failing pass {self.bisect.get('pass')!r}, "
                          f"layer {self.bisect.get('layer')!r} — {self.bisect.get('detail')}")
         if self.export:
+            checks = self.export.get("output_checks") or []
+            worst = max((c.get("max_rel_error") or 0.0 for c in checks), default=float("nan"))
             lines.append(f"onnx: {self.export.get('path')} (opset {self.export.get('opset')}, "
-                         f"checked in onnxruntime: max rel error {self.export.get('max_rel_error', 0):.1e})")
+                         f"checked in onnxruntime: max relative error {worst:.1e})")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

@@ -5,8 +5,8 @@ seeded random weights (the same every call, the global RNG left untouched), and 
 example inputs to capture it with. ``DEFAULT_MODEL`` is what the CLI works on when given no model.
 
     name               model                                   example inputs
-    gpt-tiny           GPT, ~1.0M params, context 256          idx (1, 64) int64
-    gpt-small, gpt     GPT, ~17.8M params, context 1024        idx (1, 128) int64
+    gpt-tiny           GPT, ~1.0M params, context 256          idx (2, 64) int64
+    gpt-small, gpt     GPT, ~17.8M params, context 1024        idx (2, 128) int64
     gpt-small-decode   GPTDecode step of gpt-small             idx (1, 1), input_pos (1,), k_cache, v_cache
     bert               BertEncoder, ~3.36M params              input_ids (2, 64), attention_mask (2, 64)
     vit                ViT for 8x8 digits, ~0.2M params        images (8, 1, 8, 8)
@@ -35,6 +35,7 @@ from slimline.models.vit import ViT, ViTConfig
 __all__ = [
     "REFERENCE_MODELS",
     "DEFAULT_MODEL",
+    "reference_dynamic_shapes",
     "load_weights",
     "GPT",
     "GPTConfig",
@@ -81,7 +82,8 @@ def _example_generator() -> torch.Generator:
 
 def _gpt(name: str, weights: str | None, sequence_length: int) -> tuple[nn.Module, tuple]:
     model = load_weights(_seeded(lambda: GPT(GPT_CONFIGS[name])), weights)
-    idx = torch.randint(0, 256, (1, sequence_length), generator=_example_generator())
+    # batch 2: a batch of 1 would be specialised to a constant by torch.export
+    idx = torch.randint(0, 256, (2, sequence_length), generator=_example_generator())
     return model, (idx,)
 
 
@@ -149,3 +151,20 @@ REFERENCE_MODELS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
 }
 
 DEFAULT_MODEL = "gpt-small"
+
+
+def reference_dynamic_shapes(name: str) -> dict | None:
+    """``dynamic_shapes`` (torch.export's form) for a reference model's example inputs, or None.
+
+    The dimension names become the sympy symbols of the report's FLOPs and the ONNX axes.
+    """
+    batch = torch.export.Dim("batch")
+    if name in ("gpt-tiny", "gpt-small", "gpt"):
+        context = GPT_CONFIGS["gpt-small" if name == "gpt" else name].context_length
+        return {"idx": {0: batch, 1: torch.export.Dim("seq", max=context)}}
+    if name == "bert":
+        seq = torch.export.Dim("seq", max=BertConfig().max_positions)
+        return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    if name in ("vit", "mixer"):
+        return {"images": {0: batch}}
+    return None
