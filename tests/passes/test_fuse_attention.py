@@ -4,7 +4,8 @@ Structural (which nodes go, which come, what the report counts) and numerical (o
 on the example inputs, fp32 relative error ≤ 1e-5; ONNX Runtime ≤ 1e-4) on:
   - tiny modules, one per form the pass matches (``attention_models.py``) and per near-miss;
   - slimline's reference GPT / BERT / ViT;
-  - transformers GPT-2, BERT, ViT, Llama, Qwen2 (GQA), T5, Whisper at tiny sizes, eager attention.
+  - transformers GPT-2, BERT, ViT, Llama, Qwen2, Mistral, Mixtral (GQA), T5, Whisper from the
+    zoo (``slimline.models.zoo``), eager attention.
 """
 
 import functools
@@ -178,47 +179,17 @@ def test_near_miss_reaches_the_report():
 
 
 def _transformers_model(name: str):
-    """A tiny transformers model with eager attention, its inputs, and its attention-site count."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    ids = torch.randint(3, 100, (2, 8))
-    common = dict(attn_implementation="eager", use_cache=False)
-    if name == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100,
-                                         n_positions=32, bos_token_id=1, eos_token_id=2, **common)
-        return transformers.GPT2LMHeadModel(config), (ids,), {}, 2
-    if name == "bert":
-        config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
-                                         intermediate_size=64, vocab_size=100, **common)
-        padding = torch.ones(2, 8, dtype=torch.long)
-        padding[1, 5:] = 0
-        return transformers.BertModel(config), (ids,), {"attention_mask": padding}, 2
-    if name == "vit":
-        config = transformers.ViTConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
-                                        intermediate_size=64, image_size=16, patch_size=4,
-                                        attn_implementation="eager")
-        return transformers.ViTModel(config), (torch.randn(2, 3, 16, 16),), {}, 2
-    if name in ("llama", "qwen2"):
-        config_type = transformers.LlamaConfig if name == "llama" else transformers.Qwen2Config
-        model_type = transformers.LlamaForCausalLM if name == "llama" else transformers.Qwen2ForCausalLM
-        config = config_type(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             hidden_size=32, intermediate_size=64, vocab_size=100, **common)
-        return model_type(config), (ids,), {}, 2
-    if name == "t5":
-        config = transformers.T5Config(num_layers=2, num_decoder_layers=2, num_heads=2, d_model=32,
-                                       d_kv=16, d_ff=64, vocab_size=100, **common)
-        decoder_ids = torch.randint(3, 100, (2, 6))
-        return transformers.T5Model(config), (ids,), {"decoder_input_ids": decoder_ids}, 2 + 2 * 2
-    if name == "whisper":
-        config = transformers.WhisperConfig(
-            encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-            d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=8,
-            max_source_positions=16, max_target_positions=16, **common)
-        features = torch.randn(2, 8, 32)  # (B, mel bins, 2 × max_source_positions frames)
-        decoder_ids = torch.randint(3, 100, (2, 6))
-        return transformers.WhisperModel(config), (features,), {"decoder_input_ids": decoder_ids}, 2 + 2 * 2
-    raise ValueError(name)
+    """A zoo model (tiny transformers architecture, eager attention), its inputs, its site count."""
+    pytest.importorskip("transformers")
+    from slimline.models.zoo import build_zoo_model
+
+    model, args, kwargs = build_zoo_model(f"hf-{name}", attn_implementation="eager")
+    config = model.config
+    if config.is_encoder_decoder:  # encoder self-attention; decoder self- and cross-attention
+        encoder = getattr(config, "encoder_layers", None) or config.num_layers
+        decoder = getattr(config, "decoder_layers", None) or config.num_decoder_layers
+        return model, args, kwargs, encoder + 2 * decoder
+    return model, args, kwargs, config.num_hidden_layers
 
 
 def _reference_model(name: str):
@@ -241,8 +212,8 @@ def _optimized(source: str, name: str):
 
 MODELS = [("reference", "gpt-tiny"), ("reference", "bert"), ("reference", "vit"),
           ("transformers", "gpt2"), ("transformers", "bert"), ("transformers", "vit"),
-          ("transformers", "llama"), ("transformers", "qwen2"), ("transformers", "t5"),
-          ("transformers", "whisper")]
+          ("transformers", "llama"), ("transformers", "qwen2"), ("transformers", "mistral"),
+          ("transformers", "mixtral"), ("transformers", "t5"), ("transformers", "whisper")]
 
 
 @pytest.mark.parametrize("source, name", MODELS, ids=[f"{s}-{n}" for s, n in MODELS])
@@ -252,14 +223,19 @@ def test_every_attention_site_fuses_exactly(source, name):
     assert record.status == "applied", record.reason
     fused = sum(v for k, v in record.stats.items() if k.startswith("fused_"))
     assert fused == sites and record.stats["near_miss"] == 0
-    if name in ("llama", "qwen2"):
+    if name in ("qwen2", "mistral", "mixtral"):  # the zoo's Llama is MHA, these GQA 4:2
         assert record.stats["fused_scaled_mask_gqa"] == sites
     if name == "t5":
         assert record.stats["fused_unscaled_bias"] == sites  # no scaling; relative bias + mask
 
     graph = optimized.graph
     assert len(_calls(graph, SDPA)) == sites
-    assert _calls(graph, *SOFTMAXES) == [], "these models have no softmax outside attention"
+    left = _calls(graph, *SOFTMAXES)
+    if name == "mixtral":  # the routers' softmax over experts stays, and is no near-miss
+        assert len(left) == model.config.num_hidden_layers
+        assert all("attn" not in module_path(n) for n in left)
+    else:
+        assert left == [], "these models have no softmax outside attention"
     layers = [layer for layer in optimized.report.layers if layer.op == "attention"]
     assert len(layers) == sites and all(layer.decision == "fused → sdpa" for layer in layers)
     assert len({layer.module_path for layer in layers}) == sites, "one line per attention module"
@@ -268,13 +244,15 @@ def test_every_attention_site_fuses_exactly(source, name):
         assert _relative_error(model(*args, **kwargs), optimized(*args, **kwargs)) <= FP32_RTOL
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
-def test_onnx_export_holds_attention_and_matches_in_onnxruntime(name, tmp_path):
+@pytest.mark.parametrize("name, opset", [("gpt2", 23), ("bert", 23), ("qwen2", 23), ("llama", None)])
+def test_onnx_export_holds_attention_and_matches_in_onnxruntime(name, opset, tmp_path):
+    """Opset 23 is the first with Attention; None is the exporter's default (24 here)."""
     onnx_export = pytest.importorskip("slimline.backends.onnx_export")
     model, args, kwargs, sites, optimized = _optimized("transformers", name)
     graph = optimized.graph
     info = onnx_export.export_onnx_model(graph.module, args, kwargs, tmp_path / f"{name}.onnx",
-                                         opset=23)
+                                         opset=opset)
+    assert info.opset >= 23
     assert info.op_histogram.get("Attention") == sites
     assert "Softmax" not in info.op_histogram
     assert info.output_checks and info.max_rel_error <= ORT_RTOL
