@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from slimline.errors import ConfigError, InputError
-from slimline.models.zoo import ZOO, example_inputs_for, require_transformers
+from slimline.models.zoo import ZOO, build_zoo_model, example_inputs_for, require_transformers
 
 __all__ = ["load_model_spec", "parse_overrides", "SPEC_FORMS"]
 
@@ -88,7 +88,6 @@ def _load_name(name: str) -> tuple[nn.Module, tuple, dict]:
         model, args = references[name]()
         return model, tuple(args), {}
     if name in ZOO:
-        from slimline.models.zoo import build_zoo_model
         return build_zoo_model(name)
     if _CONFIG_NAME.fullmatch(name):
         return _load_config(name, {})

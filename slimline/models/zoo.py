@@ -4,18 +4,18 @@ Each entry builds offline from a config with seeded random weights (nothing is d
 in eval mode, small enough to build in milliseconds and to export in a few seconds on a CPU:
 hidden width 64, 2 layers, 4 heads, a byte-sized vocabulary (256).
 
-    name         transformers class                 family          example inputs
-    hf-gpt2      GPT2LMHeadModel                    causal-lm       input_ids, attention_mask (2, 16)
-    hf-llama     LlamaForCausalLM (MHA)             causal-lm       input_ids, attention_mask (2, 16)
-    hf-qwen2     Qwen2ForCausalLM (GQA 4:2, qkv bias) causal-lm     input_ids, attention_mask (2, 16)
-    hf-mistral   MistralForCausalLM (GQA, window 8) causal-lm       input_ids, attention_mask (2, 16)
-    hf-mixtral   MixtralForCausalLM (4 experts, top 2) causal-lm    input_ids, attention_mask (2, 16)
-    hf-bert      BertModel (with pooler)            encoder         input_ids, attention_mask (2, 16)
-    hf-vit       ViTForImageClassification          image-classification  pixel_values (2, 3, 32, 32)
-    hf-t5        T5ForConditionalGeneration         seq2seq         input_ids, attention_mask (2, 16),
-                                                                    decoder_input_ids (2, 6)
-    hf-whisper   WhisperForConditionalGeneration    speech-seq2seq  input_features (2, 16, 32),
-                                                                    decoder_input_ids (2, 6)
+    name        transformers class               family                example inputs
+    hf-gpt2     GPT2LMHeadModel                  causal-lm             input_ids, attention_mask (2, 16)
+    hf-llama    LlamaForCausalLM, 4 kv heads     causal-lm             input_ids, attention_mask (2, 16)
+    hf-qwen2    Qwen2ForCausalLM, 2 kv heads     causal-lm             input_ids, attention_mask (2, 16)
+    hf-mistral  MistralForCausalLM, window 8     causal-lm             input_ids, attention_mask (2, 16)
+    hf-mixtral  MixtralForCausalLM, 4 experts    causal-lm             input_ids, attention_mask (2, 16)
+    hf-bert     BertModel (with pooler)          encoder               input_ids, attention_mask (2, 16)
+    hf-vit      ViTForImageClassification        image-classification  pixel_values (2, 3, 32, 32)
+    hf-t5       T5ForConditionalGeneration       seq2seq               input_ids, attention_mask (2, 16),
+                                                                       decoder_input_ids (2, 6)
+    hf-whisper  WhisperForConditionalGeneration  speech-seq2seq        input_features (2, 16, 32),
+                                                                       decoder_input_ids (2, 6)
 
 The names carry an ``hf-`` prefix because ``slimline.models.REFERENCE_MODELS`` already has a
 ``bert`` and a ``vit`` of its own; a model spec must name one model, not two.
@@ -33,7 +33,10 @@ What export needs (the findings behind each choice are in ``docs/zoo-findings.md
   in order (``outputs`` below). No wrapper module is needed.
 - The second example sequence is right-padded (``attention_mask`` ends in zeros), so the masked
   path is exercised while no query row is masked completely: fully masked rows are where
-  eager attention (finite minimum, uniform weights) and SDPA with a boolean mask (NaN) differ.
+  implementations differ (eager: finite minimum, so the mean of the values; torch SDPA with a
+  boolean or -inf mask: zeros; a hand-written softmax over -inf: NaN).
+- T5 with ``attn_implementation="sdpa"`` captures but does not export to ONNX with torch 2.13
+  (a stride disagreement inside the exporter; the findings give the exact rewrite that fixes it).
 - Whisper's ``input_features`` must have exactly ``2 * max_source_positions`` frames (its
   convolution stem halves them and the model checks the length), so only the batch of that
   input is dynamic.
