@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from slimline.errors import ConfigError, SlimlineError
 from slimline.ir.graph import Graph
-from slimline.passes import canonicalize_linear, dead_code, fuse_attention
+from slimline.passes import canonicalize_linear, dead_code, fuse_attention, fuse_norm
 from slimline.passes.base import LayerDecision, PassContext, PassSpec, pass_spec
 from slimline.report import PassRecord, Report
 from slimline.verify import Verification
@@ -23,6 +23,7 @@ __all__ = ["PIPELINE", "CLEANUPS", "MODES", "select_passes", "run_pipeline", "Pi
 PIPELINE: list[PassSpec] = [
     pass_spec(canonicalize_linear),  # one form for dense layers: aten.linear(x, W, b)
     pass_spec(fuse_attention),       # hand-written softmax(Q·Kᵀ·scale + mask)·V -> one SDPA call
+    pass_spec(fuse_norm),            # hand-written RMSNorm / LayerNorm chains -> one norm op
     pass_spec(dead_code),            # drop nodes and weights nobody reads
 ]
 
