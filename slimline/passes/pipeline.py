@@ -14,6 +14,7 @@ from typing import Any, Callable
 from slimline.errors import ConfigError, SlimlineError
 from slimline.ir.graph import Graph
 from slimline.passes import canonicalize_linear, dead_code, fuse_attention, fuse_norm
+from slimline.passes import fft_conv
 from slimline.passes.base import LayerDecision, PassContext, PassSpec, pass_spec
 from slimline.report import PassRecord, Report
 from slimline.verify import Verification
@@ -24,6 +25,7 @@ PIPELINE: list[PassSpec] = [
     pass_spec(canonicalize_linear),  # one form for dense layers: aten.linear(x, W, b)
     pass_spec(fuse_attention),       # hand-written softmax(Q·Kᵀ·scale + mask)·V -> one SDPA call
     pass_spec(fuse_norm),            # hand-written RMSNorm / LayerNorm chains -> one norm op
+    pass_spec(fft_conv),             # long depthwise/grouped conv1d -> rfft · filter spectrum -> irfft
     pass_spec(dead_code),            # drop nodes and weights nobody reads
 ]
 
