@@ -182,3 +182,18 @@ def test_low_precision_model_is_judged_against_a_float32_copy():
     assert opt.report.verification["passed"]
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the user's model untouched
     torch.testing.assert_close(opt(x), model(x), rtol=2e-2, atol=2e-2)
+
+
+def test_capture_error_names_the_submodule():
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            self.router = DataDependent()
+
+        def forward(self, x):
+            return self.router(self.encoder(x))
+
+    with pytest.raises(CaptureError) as info:
+        slimline.optimize(Outer(), (torch.randn(2, 4),))
+    assert "'router'" in str(info.value)
