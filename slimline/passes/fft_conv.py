@@ -88,9 +88,10 @@ _MEASURED_TUNE_MODES = ("lite", "max")
 
 @dataclass
 class Config:
-    min_kernel: int = tunable(64, (16, 32, 64, 128, 256, 512),
+    min_kernel: int = tunable(32, (8, 16, 32, 64, 128, 256, 512),
                               "rewrite convolutions whose kernel is at least this long, when "
-                              "nothing is measured (CPU crossover: benchmarks/fft_conv_cpu.py)")
+                              "nothing is measured (this CPU: FFT wins from K=32 at T=8192 and "
+                              "from K=8 at T=1024, benchmarks/results/fft_conv_cpu.json)")
     measure: bool = tunable(True, (True, False),
                             "target 'cpu' with tune 'lite'/'max': time direct and FFT at the "
                             "captured shape and keep the faster (kernels >= min_measured_kernel)")
@@ -256,41 +257,41 @@ def match_conv(node: fx.Node) -> ConvSite | Reason:
 # the check
 
 
-def _window(site: ConvSite, length: Any, kernel: int) -> tuple[int, int, int | None] | Reason:
-    """(first full index, step, count or None for "as many as T") of the kept outputs."""
-    if site.padding == "valid":
+def _window(padding: int | str, stride: int, kernel: int, length: Any,
+            kept_slice: tuple[Any, Any, int] = (0, None, 1),
+            kept_length: Any = None) -> tuple[int, int, int | None] | Reason:
+    """(first full-convolution index, step, count) of the outputs kept; count None: T of them.
+
+    ``kept_slice`` is the (start, end, step) of a slice after the convolution, ``kept_length``
+    the length of what is kept (needed only when T is dynamic).
+    """
+    if padding == "valid":
         left = 0
-    elif site.padding == "same":
+    elif padding == "same":
         left = (kernel - 1) // 2  # torch puts the odd extra pad on the right
-    elif isinstance(site.padding, int):
-        left = site.padding
+    elif isinstance(padding, int):
+        left = padding
     else:
-        return Reason(f"padding {site.padding!r} not supported")
-    if site.padding == "same":
+        return Reason(f"padding {padding!r} not supported")
+    if padding == "same":
         outputs = length
     else:
-        outputs = (length + 2 * left - kernel) // site.stride + 1  # conv1d's own length
-    start, step = kernel - 1 - left, site.stride
-
-    # fold the slice: outputs[slice_start:slice_end:slice_step]
-    slice_start, slice_end = site.slice_start, site.slice_end
+        outputs = (length + 2 * left - kernel) // stride + 1  # conv1d's own length
+    start = kernel - 1 - left  # conv1d output t is full[t·stride + K - 1 - left]
+    slice_start, slice_end, slice_step = kept_slice
     if isinstance(outputs, int):
         if outputs < 1:
             return Reason(f"no outputs: length {length} + 2·padding < kernel {kernel}")
-        if not isinstance(slice_start, int) or not (slice_end is None or isinstance(slice_end, int)
-                                                    or _example_value(_val(slice_end)) is not None):
+        if not isinstance(slice_start, int) or not (slice_end is None or isinstance(slice_end, int)):
             return Reason("slice bounds are not static")
-        end = slice_end if slice_end is None or isinstance(slice_end, int) else \
-            _example_value(_val(slice_end))
-        first, stop, stride = slice(slice_start, end, site.slice_step).indices(outputs)
-        count = len(range(first, stop, stride))
+        first, stop, step = slice(slice_start, slice_end, slice_step).indices(outputs)
+        count = len(range(first, stop, step))
         if count == 0:
             return Reason("the convolution keeps no outputs")
-        return start + step * first, step * stride, count
+        return start + stride * first, stride * step, count
     # dynamic T: the kept window must be T long (Hyena's [..., :T], or "same"), step 1
-    kept = _val(site.output).shape[-1]
-    if step != 1 or site.slice_step != 1 or slice_start != 0 or \
-            sympy.simplify(_sym(kept) - _sym(length)) != 0:
+    if stride != 1 or slice_step != 1 or slice_start != 0 or kept_length is None or \
+            sympy.simplify(_sym(kept_length) - _sym(length)) != 0:
         return Reason("dynamic length: only windows as long as the input (causal, same) are "
                       "supported")
     return start, 1, None
@@ -323,7 +324,11 @@ def plan_site(site: ConvSite, config: Config, target: str) -> FFTPlan | Reason:
     length_bound = _upper_bound(length)
     if length_bound is None:
         return Reason("dynamic sequence length without an upper bound (declare Dim(max=...))")
-    window = _window(site, length, kernel)
+    slice_end = site.slice_end
+    if isinstance(slice_end, fx.Node):  # a size read from the graph: static, or symbolic
+        slice_end = _val(slice_end)
+    window = _window(site.padding, site.stride, kernel, length,
+                     (site.slice_start, slice_end, site.slice_step), _val(site.output).shape[-1])
     if isinstance(window, Reason):
         return window
     start, step, count = window
@@ -446,10 +451,8 @@ def fft_conv1d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if isinstance(padding, int) and not 0 <= padding <= kernel - 1:
         raise InputError(f"padding {padding} outside 0..K-1 = 0..{kernel - 1}", stage="fft_conv",
                          where=where, hint="pad the input with F.pad first for wider padding")
-    site = ConvSite(conv=None, output=None, input=None, weight=None, bias=None, stride=stride,
-                    dilation=1, groups=groups, padding=kernel - 1 if causal else padding,
-                    transposed=False, slice_end=length if causal else None)
-    window = _window(site, length, kernel)
+    window = _window(kernel - 1 if causal else padding, stride, kernel, length,
+                     (0, length if causal else None, 1))
     if isinstance(window, Reason):
         raise InputError(f"cannot convolve length {length} with kernel {kernel}, padding "
                          f"{padding!r}: {window}", stage="fft_conv", where=where,
@@ -571,7 +574,8 @@ def _measure(graph: Graph, site: ConvSite, plan: FFTPlan, repeats: int) -> tuple
     arguments = [x if a is site.input else weight if a is site.weight else bias if a is site.bias
                  else a for a in site.conv.args]
     keywords = {k: (bias if v is site.bias else v) for k, v in site.conv.kwargs.items()}
-    end = site.slice_end if not isinstance(site.slice_end, fx.Node) else length
+    end = site.slice_end if not isinstance(site.slice_end, fx.Node) else \
+        _example_value(_val(site.slice_end))
 
     def direct() -> torch.Tensor:
         y = site.conv.target(*arguments, **keywords)

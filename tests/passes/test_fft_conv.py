@@ -196,7 +196,7 @@ def test_dynamic_length_without_a_bound_is_refused():
 
 
 @pytest.mark.parametrize("build, reason", [
-    (lambda: LongConv(4, 4, 3, "causal"), "kernel 3 < threshold 64"),
+    (lambda: LongConv(4, 4, 3, "causal"), "kernel 3 < threshold 32"),
     (lambda: nn.Conv1d(4, 4, 64, dilation=2, groups=4), "dilation 2 not supported"),
     (lambda: nn.ConvTranspose1d(4, 4, 64, groups=4), None),  # not a conv1d site at all
 ])
@@ -212,10 +212,10 @@ def test_refusals_say_why(build, reason):
 
 
 def test_threshold_is_a_config_knob():
-    model = LongConv(4, 4, 32, "causal").eval()
+    model = LongConv(4, 4, 16, "causal").eval()
     x = torch.randn(1, 4, 50)
     _graph, kept = _run_pass(model, (x,))
-    assert kept.stats["kept_short"] == 1
+    assert kept.stats["kept_short"] == 1 and kept.decisions[0].why_not == "kernel 16 < threshold 32"
     _graph, rewritten = _run_pass(model, (x,), fft_conv.Config(min_kernel=16))
     assert rewritten.stats["rewritten"] == 1
     with pytest.raises(ConfigError, match="min_kernel"):
