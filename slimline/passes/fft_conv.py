@@ -45,7 +45,10 @@ product is written in real arithmetic (``view_as_real`` → one batched ``matmul
 
 Direct or FFT, per site: with ``tune`` 'lite'/'max' in ``context.extra`` and target 'cpu'
 (``Config.measure``), both are timed at the captured shape and the faster kept; otherwise the
-kernel-length threshold decides (deterministic). Stats: ``conv_sites``, ``rewritten``,
+kernel-length threshold decides (deterministic): ``min_kernel`` for cpu and cuda (the CUDA
+crossover awaits ``benchmarks/fft_conv_gpu.py``), ``min_kernel_onnxruntime`` for onnxruntime,
+whose ``DFT`` kernel is 10-40× slower than MKL's FFT (T=K=8192, C=16, one thread: 66 ms in ORT,
+1.9 ms in torch; ORT's direct Conv 2.2 s). Stats: ``conv_sites``, ``rewritten``,
 ``kept_short``, ``kept_direct_faster``, ``refused``, ``measured``, and per measured site
 ``direct_ms:<path>`` / ``fft_ms:<path>``. FLOPs after the rewrite add ``2.5·N·log2 N`` per
 real transform of length N (``slimline.ir.cost`` does not count FFT nodes).
@@ -92,6 +95,10 @@ class Config:
                               "rewrite convolutions whose kernel is at least this long, when "
                               "nothing is measured (this CPU: FFT wins from K=32 at T=8192 and "
                               "from K=8 at T=1024, benchmarks/results/fft_conv_cpu.json)")
+    min_kernel_onnxruntime: int = tunable(1024, (256, 512, 1024, 2048),
+                                          "the same for target 'onnxruntime', whose DFT is far "
+                                          "slower than MKL's FFT: measured with 1 thread, FFT "
+                                          "wins from K=256 at T=1024 and from K=1024 at T=8192")
     measure: bool = tunable(True, (True, False),
                             "target 'cpu' with tune 'lite'/'max': time direct and FFT at the "
                             "captured shape and keep the faster (kernels >= min_measured_kernel)")
@@ -625,10 +632,12 @@ def _params(graph: Graph, nodes: list[Any]) -> int:
 
 
 def _validate(config: Config) -> None:
-    if not isinstance(config.min_kernel, int) or config.min_kernel < 1:
-        raise ConfigError(f"min_kernel must be a positive int, got {config.min_kernel!r}",
-                          stage="fft_conv", where="passes['fft_conv'].min_kernel",
-                          hint="e.g. {'fft_conv': {'min_kernel': 64}}")
+    for name in ("min_kernel", "min_kernel_onnxruntime"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}", stage="fft_conv",
+                              where=f"passes['fft_conv'].{name}",
+                              hint=f"e.g. {{'fft_conv': {{'{name}': 64}}}}")
     if config.fft_size not in ("pow2", "smooth"):
         raise ConfigError(f"unknown fft_size {config.fft_size!r}", stage="fft_conv",
                           where="passes['fft_conv'].fft_size", hint="use 'pow2' or 'smooth'")
@@ -641,6 +650,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
     decisions: list[LayerDecision] = []
     measure = config.measure and context.target == "cpu" and \
         context.extra.get("tune") in _MEASURED_TUNE_MODES
+    threshold = config.min_kernel_onnxruntime if context.target == "onnxruntime" else config.min_kernel
     timed: dict[tuple, tuple[float, float]] = {}  # identical sites are measured once
     for node in list(graph.fx.nodes):
         if node.op != "call_function" or node.target not in _CONVS:
@@ -676,9 +686,9 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
                 decision.why_not = (f"measured: direct {direct_s * 1e3:.3g} ms <= FFT "
                                     f"{fft_s * 1e3:.3g} ms")
                 continue
-        elif plan.kernel < config.min_kernel:
+        elif plan.kernel < threshold:
             stats["kept_short"] += 1
-            decision.why_not = f"kernel {plan.kernel} < threshold {config.min_kernel}"
+            decision.why_not = f"kernel {plan.kernel} < threshold {threshold}"
             continue
         _output, created = _replace(graph, site, plan)
         stats["rewritten"] += 1

@@ -220,6 +220,11 @@ def test_threshold_is_a_config_knob():
     assert rewritten.stats["rewritten"] == 1
     with pytest.raises(ConfigError, match="min_kernel"):
         _run_pass(model, (x,), fft_conv.Config(min_kernel=0))
+    # onnxruntime's DFT is slow: its own, higher threshold
+    _graph, for_ort = _run_pass(LongConv(4, 4, 64, "causal").eval(), (x,), target="onnxruntime")
+    assert for_ort.decisions[0].why_not == "kernel 64 < threshold 1024"
+    _graph, for_cpu = _run_pass(LongConv(4, 4, 64, "causal").eval(), (x,), target="cpu")
+    assert for_cpu.stats["rewritten"] == 1
 
 
 def test_measured_choice_records_both_times_and_keeps_the_faster(monkeypatch):
@@ -277,7 +282,8 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     idx = torch.randint(0, 256, (2, 64))
     dims = {"idx": {0: "batch", 1: torch.export.Dim("seq", max=64)}}
     optimized = slimline.optimize(model, (idx,), target="onnxruntime", dynamic_shapes=dims,
-                                  workdir=tmp_path)
+                                  workdir=tmp_path,  # K=64 is below ORT's default threshold
+                                  passes={"fft_conv": {"min_kernel_onnxruntime": 64}})
     export = optimized.report.export
     # the input's rfft and the irfft; the filter's rfft depends on weights only, and the
     # exporter's optimizer folds it (and the filter MLP) into a constant
@@ -299,7 +305,8 @@ def test_grouped_conv_exports_to_onnx(tmp_path):
     _quiet_export()
     model = LongConv(6, 9, 64, "same", groups=3, bias=True).eval()
     x = torch.randn(2, 6, 90)
-    _graph, result = _run_pass(model, (x,), target="onnxruntime")
+    _graph, result = _run_pass(model, (x,), fft_conv.Config(min_kernel_onnxruntime=64),
+                               target="onnxruntime")
     info = export_onnx_model(result.graph.module, (x,), {}, tmp_path / "grouped.onnx")
     assert info.op_histogram["DFT"] == 2 and info.op_histogram["MatMul"] == 1
     assert info.max_rel_error <= ORT_RTOL
