@@ -1,0 +1,149 @@
+"""The cached decode loop: one prefill, then one step per token, over a static compact KV cache.
+
+``DecodeSession`` is what :func:`slimline.generate` and the quality benchmark drive::
+
+    session = DecodeSession(model, kv_prune=Config(policy="keyformer", budget=0.5), steps=N)
+    logits_BV = session.prefill(prompt_BP)     # full attention over the prompt, then prune to budget
+    logits_BV = session.step(token_B1)         # N times: write, attend, score, evict one
+
+With ``kv_prune=None`` nothing is scored or evicted and the cache holds P + N slots: plain
+generation on a preallocated cache. With a config, the cache is preallocated at the plan's
+capacity (about budget · (P + N) slots for a fractional budget) and the policy runs between
+steps (see :mod:`slimline.passes.kv_prune` for the contract).
+
+``stats`` counts what happened (tokens, slots, bytes, evictions, keys read by attention against
+what a full cache would have read); nothing is printed.
+
+Shape legend: L layers, B batch, Hkv key/value heads, G query heads per key/value head,
+S slots in use, P prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slimline.errors import InputError
+from slimline.kv.base import EvictionPolicy
+from slimline.kv.cache import CompactKVCache, keep_indices, protected_slots
+from slimline.kv.decoders import DecoderAdapter, adapter_for
+from slimline.kv.h2o import H2O
+from slimline.kv.keyformer import Keyformer
+from slimline.kv.streaming import StreamingLLM
+from slimline.passes.kv_prune import Plan, check_config, make_plan
+
+__all__ = ["DecodeSession", "make_policy"]
+
+
+def make_policy(plan: Plan, device: torch.device) -> EvictionPolicy:
+    name = plan.config.policy
+    if name == "keyformer":
+        return Keyformer(plan.temperature, plan.config.seed, device)
+    if name == "h2o":
+        return H2O()
+    return StreamingLLM()
+
+
+class DecodeSession:
+    def __init__(self, model: Any, kv_prune: Any = None, *, steps: int):
+        self.adapter: DecoderAdapter = adapter_for(model)
+        self.config = None if kv_prune is None else check_config(kv_prune)
+        if not isinstance(steps, int) or steps < 0:
+            raise InputError(f"steps must be an int >= 0, got {steps!r}", stage="generate",
+                             where="DecodeSession(steps=...)", hint="the number of decode steps after the prompt")
+        self.steps = steps
+        self.plan: Plan | None = None
+        self.policy: EvictionPolicy | None = None
+        self.cache: CompactKVCache | None = None
+        self.seen = 0  # tokens through the model so far = the next token's position
+        self.step_index = 0
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def pruning(self) -> bool:
+        return self.plan is not None
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt (B, P); return the last position's logits (B, V) (all: (B, P, V))."""
+        if self.cache is not None:
+            raise InputError("this session already has a prompt", stage="generate", where="DecodeSession.prefill",
+                             hint="start a new DecodeSession per prompt")
+        B, P = idx.shape
+        adapter = self.adapter
+        adapter.check_length(P + self.steps)
+        idx = idx.to(adapter.device)
+        scores = None
+        if self.config is not None:
+            self.plan = make_plan(self.config, P, self.steps)
+            self.policy = make_policy(self.plan, adapter.device)
+        observe = None
+        if self.policy is not None and self.policy.needs_attention:
+            scores = torch.zeros(adapter.n_layer, B, adapter.n_kv_head, P, dtype=torch.float32, device=adapter.device)
+
+            def observe(layer: int, logits: torch.Tensor) -> None:  # (B, Hkv, G, Tq, P)
+                scores[layer] += self.policy.weights(logits, 0).sum(dim=(2, 3))
+
+        logits, keys, values = adapter.prefill(idx, observe, all_logits=all_logits)
+        keep = None
+        size = P
+        capacity = P + self.steps
+        if self.plan is not None:
+            size, capacity = self.plan.size(P), self.plan.capacity
+            if size < P:
+                positions = torch.arange(P, device=adapter.device).expand(adapter.n_layer, B, adapter.n_kv_head, P)
+                rank = self.policy.rank(scores if scores is not None else torch.zeros(positions.shape, device=adapter.device),
+                                        positions)
+                protected = protected_slots(positions, P - 1, self.plan.window(size), self.plan.sinks)
+                keep = keep_indices(rank, protected, size)  # (L, B, Hkv, size)
+        self.cache = CompactKVCache.from_prompt(keys, values, scores, keep, capacity)
+        self.seen = P
+        full_bytes = keys.element_size() * keys[:, :, :, :1].numel() * 2 * (P + self.steps)
+        self.stats = {"policy": self.config.policy if self.config else "full", "prompt_tokens": P,
+                      "batch": B, "steps": 0, "kept_after_prompt": size, "evicted_at_prompt": P - size,
+                      "cache_slots": self.cache.capacity, "full_cache_slots": P + self.steps,
+                      "kv_cache_bytes": self.cache.nbytes, "full_kv_cache_bytes": full_bytes,
+                      "bookkeeping_bytes": self.cache.bookkeeping_nbytes if self.pruning else 0,
+                      "evictions": 0, "attention_key_reads": 0, "full_attention_key_reads": 0}
+        return logits if all_logits else logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed token (B, 1) at the next position; return its logits (B, V)."""
+        cache, adapter = self.cache, self.adapter
+        if cache is None:
+            raise InputError("decode step before the prompt", stage="generate", where="DecodeSession.step",
+                             hint="call prefill(prompt) first")
+        if self.step_index >= self.steps:
+            raise InputError(f"more decode steps than the {self.steps} this session was sized for",
+                             stage="generate", where="DecodeSession.step", hint="create the session with more steps")
+        position = self.seen
+        slot = cache.next_slot()
+        keys, values = cache.views()  # (L, B, Hkv, S, D)
+        want_attention = self.policy is not None and self.policy.needs_attention
+        input_pos = torch.tensor([position], device=adapter.device)
+        logits, attention, _, _ = adapter.decode(token.to(adapter.device), input_pos, keys, values, slot,
+                                                 want_attention=want_attention)
+        self.seen += 1
+        self.step_index += 1
+        if self.plan is not None:
+            cache.record(slot, position)
+            if want_attention:
+                cache.accumulate(self.policy.weights(attention, self.step_index).sum(dim=3))  # (L, B, Hkv, S)
+            size = self.plan.size(self.seen)
+            if cache.filled > size:  # one token over: evict one per (layer, sequence, head)
+                positions = cache.positions[..., : cache.filled]
+                rank = self.policy.rank(cache.scores[..., : cache.filled], positions)
+                cache.evict(rank, protected_slots(positions, position, self.plan.window(size), self.plan.sinks))
+                self.stats["evictions"] += 1
+        stats = self.stats
+        stats["steps"] += 1
+        stats["attention_key_reads"] += keys.shape[3]
+        stats["full_attention_key_reads"] += position + 1
+        return logits[:, -1]
+
+    def kept_positions(self) -> torch.Tensor:
+        """(L, B, Hkv, kept) positions of the tokens in the cache, ascending (a freed slot left out)."""
+        positions = self.cache.positions[..., : self.cache.filled].sort(dim=-1).values
+        return positions[..., 1:] if self.cache.free_slot is not None else positions

@@ -1,0 +1,261 @@
+"""kv_prune: budgets and their errors, a cache that really shrinks, positions kept right by
+eviction, a 100% budget that changes nothing, and the decode step on a pruned cache in ORT.
+
+The reference for "positions stay right" is the model's own code: GPT blocks attending over the
+full, position-indexed cache with the evicted positions masked to -inf. StreamingLLM keeps the
+same positions in every layer and head, so that mask is one (T, Tk) bias and the comparison runs
+for many steps; Keyformer and H2O keep different tokens per head, checked by permuting slots.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimline import SlimlineError
+from slimline.kv import CompactDecodeStep, DecodeSession
+from slimline.models.gpt import causal_bias
+from slimline.models.quality import held_out_text, trained_model
+from slimline.passes.kv_prune import Config, check_config, make_plan
+
+PROMPT, STEPS = 96, 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode steps are many tiny ops: on a busy 2-core machine a second thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return trained_model("gpt-tiny")
+
+
+@pytest.fixture(scope="module")
+def text() -> torch.Tensor:
+    stream = held_out_text()
+    rows = [list(stream[start:start + PROMPT + STEPS + 1]) for start in (1000, 40000)]
+    return torch.tensor(rows)  # (2, P + N + 1) held-out bytes
+
+
+def teacher_forced(gpt, text, kv_prune, steps=STEPS):
+    """Logits (B, N, V) of N teacher-forced decode steps after the prompt, and the session."""
+    session = DecodeSession(gpt, kv_prune, steps=steps)
+    session.prefill(text[:, :PROMPT])
+    logits = [session.step(text[:, PROMPT + i:PROMPT + i + 1]) for i in range(steps)]
+    return torch.stack(logits, dim=1), session
+
+
+# ---------------------------------------------------------------------------------------------
+# budgets
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"budget": 0}, "at least one token"),
+    ({"budget": 0.0}, "not a fraction in (0, 1]"),
+    ({"budget": -0.5}, "not a fraction in (0, 1]"),
+    ({"budget": -3}, "at least one token"),
+    ({"budget": 1.5}, "not a fraction in (0, 1]"),
+    ({"budget": float("nan")}, "not a fraction"),
+    ({"budget": "half"}, "must be a number"),
+    ({"budget": True}, "must be a number"),
+    ({"window": 1.2}, "longer than the budget"),
+    ({"budget": 16, "window": 17}, "longer than the budget of 16 tokens"),
+    ({"window": -1}, "negative"),
+    ({"policy": "lru"}, "unknown policy"),
+    ({"budget": 3, "policy": "streaming"}, "4 sink tokens do not fit"),
+    ({"tau_init": 0.0}, "tau_init must be a positive number"),
+    ({"recent": 0.3}, "unknown kv_prune option"),
+])
+def test_bad_configs_get_clear_errors(options, message):
+    with pytest.raises(SlimlineError, match="kv_prune") as caught:
+        check_config(options)
+    assert message in caught.value.message
+    assert caught.value.hint
+
+
+def test_a_window_longer_than_the_resolved_budget_is_refused():
+    with pytest.raises(SlimlineError, match=r"window 40 tokens is longer than the budget: 32 tokens"):
+        make_plan({"budget": 0.5, "window": 40}, prompt_length=64, steps=8)
+    make_plan({"budget": 0.5, "window": 32}, prompt_length=64, steps=8)  # equal is fine
+
+
+def test_bad_budgets_fail_before_any_work(gpt, text):
+    with pytest.raises(SlimlineError, match="not a fraction"):
+        DecodeSession(gpt, {"budget": 1.01}, steps=4)
+
+
+def test_plan_sizes_windows_and_temperatures():
+    plan = make_plan(Config(budget=0.3), prompt_length=10, steps=20)
+    assert [plan.size(n) for n in (1, 2, 10, 11, 20)] == [1, 1, 3, 4, 6]  # ceil(0.3 n), exact at 0.3·10
+    assert plan.window(10) == 3 and plan.window(3) == 1 and plan.window(1) == 1  # floor(0.3 S), >= 1
+    assert plan.temperature(0) == 1.0 and plan.temperature(20) == 2.0 and plan.temperature(10) == 1.5
+    count = make_plan(Config(budget=16, window=4), prompt_length=64, steps=8)
+    assert count.size(64) == 16 and count.size(72) == 16 and count.size(8) == 8 and count.capacity == 17
+    assert make_plan(Config(budget=1.0), prompt_length=50, steps=10).capacity == 60  # never evicts
+    assert make_plan(Config(budget=0.5), prompt_length=100, steps=0).capacity == 50
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache really shrinks
+
+
+@pytest.mark.parametrize("policy", ["keyformer", "h2o", "streaming"])
+def test_the_cache_tensors_shrink_to_the_budget(gpt, text, policy):
+    _, full = teacher_forced(gpt, text, None)
+    _, pruned = teacher_forced(gpt, text, {"policy": policy, "budget": 0.5})
+    L, B, H, D = 5, 2, 4, 32
+    # allocated: half the slots of a full cache (P + N), +1 for the token written before eviction
+    assert full.cache.keys.shape == (L, B, H, PROMPT + STEPS, D)
+    assert pruned.cache.keys.shape == (L, B, H, pruned.plan.capacity, D)
+    assert pruned.plan.capacity == (PROMPT + STEPS) // 2 + 1
+    assert pruned.stats["kv_cache_bytes"] == full.stats["kv_cache_bytes"] * pruned.plan.capacity // (PROMPT + STEPS)
+    # attention read about half the keys (the FLOPs of q·Kᵀ and p·V fall with them)
+    reads, full_reads = pruned.stats["attention_key_reads"], pruned.stats["full_attention_key_reads"]
+    assert full_reads == full.stats["attention_key_reads"] == sum(range(PROMPT + 1, PROMPT + STEPS + 1))
+    assert 0.5 <= reads / full_reads <= 0.52
+    assert pruned.stats["evicted_at_prompt"] == PROMPT // 2 and pruned.stats["evictions"] == STEPS // 2
+    # every slot in use holds a distinct, real position; the window of recent tokens is all there
+    kept = pruned.kept_positions()
+    assert kept.shape[-1] == pruned.plan.size(PROMPT + STEPS)
+    assert (kept >= 0).all() and (kept.diff(dim=-1) > 0).all()
+    window = pruned.plan.window(kept.shape[-1])
+    recent = torch.arange(PROMPT + STEPS - window, PROMPT + STEPS)
+    assert torch.isin(recent, kept[0, 0, 0]).all()
+    if policy == "streaming":  # sinks + the most recent tokens, the same in every layer and head
+        expected = torch.cat([torch.arange(4), torch.arange(PROMPT + STEPS - kept.shape[-1] + 4, PROMPT + STEPS)])
+        assert (kept == expected).all()
+    else:  # score-based: layers and heads choose differently
+        chosen = kept.flatten(0, 2)
+        assert len({tuple(row.tolist()) for row in chosen}) > 1
+
+
+def test_a_token_count_budget_keeps_a_fixed_size(gpt, text):
+    _, session = teacher_forced(gpt, text, {"budget": 24, "window": 6})
+    assert session.cache.keys.shape[3] == 25 and session.cache.filled == 25
+    assert session.stats["attention_key_reads"] == 25 * STEPS
+    assert session.kept_positions().shape == (5, 2, 4, 24)  # one slot freed by the last eviction
+
+
+# ---------------------------------------------------------------------------------------------
+# a 100% budget changes nothing
+
+
+@pytest.mark.parametrize("policy", ["keyformer", "h2o", "streaming"])
+def test_a_full_budget_reproduces_the_full_cache_exactly(gpt, text, policy):
+    full_logits, _ = teacher_forced(gpt, text, None)
+    logits, session = teacher_forced(gpt, text, {"policy": policy, "budget": 1.0})
+    assert torch.equal(logits, full_logits)
+    assert session.stats["evictions"] == 0 and session.stats["evicted_at_prompt"] == 0
+
+
+def test_the_full_cache_matches_the_model_run_on_the_whole_sequence(gpt, text):
+    logits, _ = teacher_forced(gpt, text, None)
+    reference = gpt(text[:, :PROMPT + STEPS])[:, PROMPT:]  # (B, N, V)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# positions: keys are cached after rotary, so eviction keeps every q·k right
+
+
+def masked_full_cache_logits(gpt, text, keep_mask: torch.Tensor) -> torch.Tensor:
+    """The GPT's own blocks over its position-indexed static cache; keys where keep_mask (N, Tk) is
+    False masked to -inf at decode step i. Returns (B, N, V) teacher-forced logits."""
+    k_cache, v_cache = gpt.new_kv_cache(text.shape[0])
+    _, k_cache, v_cache = gpt.forward_with_cache(text[:, :PROMPT], torch.arange(PROMPT), k_cache, v_cache)
+    outputs = []
+    for i in range(STEPS):
+        position = torch.tensor([PROMPT + i])
+        x = gpt.token_embedding(text[:, PROMPT + i:PROMPT + i + 1])
+        cos, sin = gpt.rope_cos[position], gpt.rope_sin[position]
+        bias = causal_bias(position, torch.arange(k_cache.shape[3]), x.dtype)  # (1, Tm)
+        bias = bias.masked_fill(~keep_mask[i, None, : k_cache.shape[3]], float("-inf"))
+        keys, values = [], []
+        for layer, block in enumerate(gpt.blocks):
+            x, k, v = block(x, cos, sin, bias, position, k_cache[layer], v_cache[layer])
+            keys.append(k)
+            values.append(v)
+        k_cache, v_cache = torch.stack(keys), torch.stack(values)
+        outputs.append(gpt.head(gpt.ln_final(x))[:, -1])
+    return torch.stack(outputs, dim=1)
+
+
+@torch.no_grad()
+def test_streaming_pruned_cache_equals_the_masked_full_cache_at_every_step(gpt, text):
+    budget = {"policy": "streaming", "budget": 0.3}
+    logits, session = teacher_forced(gpt, text, budget)
+    plan = session.plan
+    keep = torch.zeros(STEPS, gpt.config.context_length, dtype=torch.bool)
+    for i in range(STEPS):  # what the cache held while decoding step i: sinks + the newest
+        seen = PROMPT + i + 1
+        kept_before = plan.size(seen - 1)
+        keep[i, :4] = True
+        keep[i, seen - (kept_before - 4) - 1:seen] = True
+    reference = masked_full_cache_logits(gpt, text, keep)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits, teacher_forced(gpt, text, None)[0], atol=1e-3)  # pruning did act
+
+
+@torch.no_grad()
+def test_slot_order_does_not_matter(gpt, text):
+    """Per-head permutations of a Keyformer-pruned cache give the same next-token logits."""
+    session = DecodeSession(gpt, {"budget": 0.4}, steps=1)
+    session.prefill(text[:, :PROMPT])
+    keys, values = session.cache.views()
+    permutation = torch.rand(keys.shape[:4]).argsort(-1)  # (L, B, H, S)
+    index = permutation.unsqueeze(-1).expand_as(keys)
+    token, position = text[:, PROMPT:PROMPT + 1], torch.tensor([PROMPT])
+    adapter = session.adapter
+    free_slot = keys.shape[3]  # decode into one extra slot, as the loop does
+    pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], 1, t.shape[-1])], dim=3)  # noqa: E731
+    straight = adapter.decode(token, position, pad(keys), pad(values), free_slot)[0]
+    shuffled = adapter.decode(token, position, pad(keys.gather(3, index)), pad(values.gather(3, index)), free_slot)[0]
+    torch.testing.assert_close(straight, shuffled, rtol=1e-5, atol=1e-5)
+
+
+def test_keyformer_is_seeded_and_its_noise_changes_the_choice(gpt, text):
+    first, a = teacher_forced(gpt, text, {"budget": 0.3, "seed": 1})
+    again, b = teacher_forced(gpt, text, {"budget": 0.3, "seed": 1})
+    assert torch.equal(first, again) and torch.equal(a.kept_positions(), b.kept_positions())
+    _, other_seed = teacher_forced(gpt, text, {"budget": 0.3, "seed": 2})
+    _, h2o = teacher_forced(gpt, text, {"policy": "h2o", "budget": 0.3})
+    assert not torch.equal(a.kept_positions(), other_seed.kept_positions())
+    assert not torch.equal(a.kept_positions(), h2o.kept_positions())
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX: the decode step takes the pruned (smaller) cache
+
+
+@torch.no_grad()
+def test_the_decode_step_on_a_pruned_cache_exports_and_runs_in_onnxruntime(tmp_path):
+    from slimline.backends.onnx_export import export_onnx_model
+    from slimline.backends.onnxruntime import OrtModule
+    from slimline.models.gpt import GPT, GPTConfig
+
+    small = GPT(GPTConfig(context_length=64, n_layer=2, n_head=2, d_model=32)).eval()  # export time
+    prompt = torch.randint(0, 256, (2, 40))
+    session = DecodeSession(small, {"budget": 0.3}, steps=1)
+    session.prefill(prompt)
+    keys, values = (t.clone() for t in session.cache.views())  # (L, B, H, 12, D): 0.3 of the prompt
+    assert keys.shape[3] == 12
+    step = CompactDecodeStep(small).eval()
+    slot = torch.randint(0, keys.shape[3], keys.shape[:3])  # a different slot per layer and head
+    args = (torch.randint(0, 256, (2, 1)), torch.tensor([40]), keys, values, slot)
+    slots = torch.export.Dim("slots", min=2, max=small.config.context_length)
+    dynamic = {"idx": None, "input_pos": None, "k_cache": {3: slots}, "v_cache": {3: slots}, "write_slot": None}
+    export_onnx_model(step, args, {}, tmp_path / "decode.onnx", dynamic_shapes=dynamic)
+    ort_step = OrtModule(tmp_path / "decode.onnx")
+    for size in (12, 5):  # the exported step serves any pruned size
+        sized = (args[0], args[1], keys[..., :size, :].contiguous(), values[..., :size, :].contiguous(),
+                 slot.clamp(max=size - 1))
+        expected = step(*sized)
+        actual = ort_step(*sized)
+        assert actual[1].shape == (2, 2, 2, size, 16)
+        for e, a in zip(expected, actual):
+            torch.testing.assert_close(torch.as_tensor(a), e, rtol=1e-4, atol=1e-4)
