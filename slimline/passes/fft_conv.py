@@ -28,9 +28,10 @@ filter reversed, ``v[k] = w[K-1-k]``, the *full* convolution ``full = x ∗ v`` 
 a slice after the convolution is folded into the window. A circular convolution of size N
 equals ``full`` at every kept index i when ``N >= T + K - 1 - first`` and ``N > last`` (no
 wrap-around reaches a kept index), so "valid" needs only ``N >= T``. N is then rounded up to a
-power of two (``Config.fft_size``): measured here, onnxruntime 1.32's ``DFT`` on other lengths is
-~3× slower and only ~1e-4 accurate in fp32 (powers of two: ~5e-7), and MKL's 5-smooth lengths
-cost about as much as the next power of two.
+power of two by default (``Config.fft_size``): onnxruntime 1.32's ``DFT`` on other lengths is
+3-8× slower and only ~1e-4 accurate in fp32 (powers of two: ~5e-7), and a graph optimized for
+'cpu' may be exported later. On CPU alone a 2·3·5-smooth N is up to 2× faster when T + K - 1
+lies just above a power of two (T=8192, K=64: N=8640 0.77 ms, N=16384 1.6 ms).
 
 Filters: a constant weight (``get_attr``) gets its spectrum computed once, here, in float64,
 and registered with :meth:`Graph.add_parameter` — a complex buffer (C, F) for depthwise, a real
@@ -47,8 +48,8 @@ Direct or FFT, per site: with ``tune`` 'lite'/'max' in ``context.extra`` and tar
 (``Config.measure``), both are timed at the captured shape and the faster kept; otherwise the
 kernel-length threshold decides (deterministic): ``min_kernel`` for cpu and cuda (the CUDA
 crossover awaits ``benchmarks/fft_conv_gpu.py``), ``min_kernel_onnxruntime`` for onnxruntime,
-whose ``DFT`` kernel is 10-40× slower than MKL's FFT (T=K=8192, C=16, one thread: 66 ms in ORT,
-1.9 ms in torch; ORT's direct Conv 2.2 s). Stats: ``conv_sites``, ``rewritten``,
+whose ``DFT`` kernel is 10-40× slower than MKL's FFT (T=K=8192, C=16, one thread: ~70 ms in
+ORT, 1.9 ms in torch; ORT's direct Conv 2.2 s). Timing takes the fastest of interleaved runs. Stats: ``conv_sites``, ``rewritten``,
 ``kept_short``, ``kept_direct_faster``, ``refused``, ``measured``, and per measured site
 ``direct_ms:<path>`` / ``fft_ms:<path>``. FLOPs after the rewrite add ``2.5·N·log2 N`` per
 real transform of length N (``slimline.ir.cost`` does not count FFT nodes).
@@ -667,29 +668,32 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
                                  params_after=params, flops_before=str(before),
                                  flops_after=str(before))
         decisions.append(decision)
+        kernel = _val(site.weight).shape[-1]
+        floor = config.min_measured_kernel if measure else threshold
+        if isinstance(kernel, int) and kernel < floor:  # short: not worth a reason beyond this
+            stats["kept_short"] += 1
+            decision.why_not = f"kernel {kernel} < threshold {floor}"
+            continue
         plan = plan_site(site, config, context.target)
         if isinstance(plan, Reason):
             stats["refused"] += 1
             decision.why_not = str(plan)
             continue
-        if measure and plan.kernel >= config.min_measured_kernel:
+        if measure:  # else the threshold (the floor above) has decided
             key = (plan, tuple(_example_value(size) for size in _val(site.input).shape),
                    site.bias is None, graph.attribute(site.weight) is None)
             if key not in timed:
                 timed[key] = _measure(graph, site, plan, config.measure_repeats)
                 stats["measured"] += 1
             direct_s, fft_s = timed[key]
-            stats[f"direct_ms:{path}"] = round(direct_s * 1e3, 4)
-            stats[f"fft_ms:{path}"] = round(fft_s * 1e3, 4)
+            label = path if f"direct_ms:{path}" not in stats else f"{path}#{stats['conv_sites']:g}"
+            stats[f"direct_ms:{label}"] = round(direct_s * 1e3, 4)
+            stats[f"fft_ms:{label}"] = round(fft_s * 1e3, 4)
             if direct_s <= fft_s:
                 stats["kept_direct_faster"] += 1
                 decision.why_not = (f"measured: direct {direct_s * 1e3:.3g} ms <= FFT "
                                     f"{fft_s * 1e3:.3g} ms")
                 continue
-        elif plan.kernel < threshold:
-            stats["kept_short"] += 1
-            decision.why_not = f"kernel {plan.kernel} < threshold {threshold}"
-            continue
         _output, created = _replace(graph, site, plan)
         stats["rewritten"] += 1
         decision.decision = f"fft (N={plan.n})"
