@@ -15,6 +15,8 @@ from slimline.errors import ConfigError, SlimlineError
 from slimline.ir.graph import Graph
 from slimline.passes import canonicalize_linear, dead_code, fuse_attention, fuse_norm
 from slimline.passes import fft_conv
+from slimline.passes import lowrank
+from slimline.passes import quantize
 from slimline.passes.base import LayerDecision, PassContext, PassSpec, pass_spec
 from slimline.report import PassRecord, Report
 from slimline.verify import Verification
@@ -26,6 +28,8 @@ PIPELINE: list[PassSpec] = [
     pass_spec(fuse_attention),       # hand-written softmax(Q·Kᵀ·scale + mask)·V -> one SDPA call
     pass_spec(fuse_norm),            # hand-written RMSNorm / LayerNorm chains -> one norm op
     pass_spec(fft_conv),             # long depthwise/grouped conv1d -> rfft · filter spectrum -> irfft
+    pass_spec(lowrank),              # dense W -> two thinner linears B·A, ranks inside the budget
+    pass_spec(quantize),             # dense W -> 2-8-bit packed weights (RTN/GPTQ), sensitive layers kept
     pass_spec(dead_code),            # drop nodes and weights nobody reads
 ]
 
