@@ -66,6 +66,7 @@ class DecoderAdapter:
     max_positions: int
     scale: float
     model: nn.Module
+    kernel: str | None = None  # decode attention kernel: None = triton on CUDA, else torch
 
     @property
     def reference_weight(self) -> torch.Tensor:
@@ -145,7 +146,8 @@ class DecoderAdapter:
             layer_slot = slot if isinstance(slot, int) else slot[layer]
             key_cache = write_slot(keys[layer], layer_slot, k, in_place)  # (B, Hkv, S, D)
             value_cache = write_slot(values[layer], layer_slot, v, in_place)
-            attended, logits = decode_attention(q, key_cache, value_cache, self.scale)
+            attended, logits = decode_attention(q, key_cache, value_cache, self.scale, want_attention,
+                                                 self.kernel)
             x = self.finish_layer(layer, x, attended)
             if want_attention:
                 attention.append(logits)
@@ -272,6 +274,7 @@ class CompactDecodeStep(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.adapter = adapter_for(model)
+        self.adapter.kernel = "torch"  # plain torch ops: what torch.export and the ONNX exporter see
         self.model = self.adapter.model
 
     def forward(self, idx, input_pos, k_cache, v_cache, write_slot):

@@ -9,8 +9,14 @@ for many steps; Keyformer and H2O keep different tokens per head, checked by per
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
 
 from slimline import SlimlineError
 from slimline.kv import CompactDecodeStep, DecodeSession
@@ -259,3 +265,44 @@ def test_the_decode_step_on_a_pruned_cache_exports_and_runs_in_onnxruntime(tmp_p
         assert actual[1].shape == (2, 2, 2, size, 16)
         for e, a in zip(expected, actual):
             torch.testing.assert_close(torch.as_tensor(a), e, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton decode kernel (CUDA's default; here under the interpreter) against the torch form
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None
+    or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()),
+    reason="needs triton and a GPU or the Triton interpreter")
+
+
+@needs_triton
+@pytest.mark.parametrize("B, H, Hkv, S, D, capacity", [
+    (2, 4, 2, 300, 32, 320),  # grouped heads, a strided view of a larger buffer, a ragged last block
+    (1, 2, 2, 1, 16, 4),      # one slot
+    (1, 3, 3, 256, 24, 256),  # whole splits; a head size that is not a power of two
+])
+def test_triton_decode_kernel_matches_the_torch_form(B, H, Hkv, S, D, capacity):
+    from slimline.kv.attention import decode_attention_torch
+    from slimline.kv.triton_attention import decode_attention_triton
+
+    generator = torch.Generator().manual_seed(S)
+    buffers = torch.randn(2, B, Hkv, capacity, D, generator=generator)
+    key, value = buffers[0, :, :, :S], buffers[1, :, :, :S]
+    query = torch.randn(B, H, 1, D, generator=generator)
+    expected, expected_logits = decode_attention_torch(query, key, value, D ** -0.5)
+    out, logits = decode_attention_triton(query, key, value, D ** -0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert decode_attention_triton(query, key, value, D ** -0.5, want_logits=False)[1] is None
+
+
+@needs_triton
+def test_the_loop_runs_the_same_with_the_triton_kernel(gpt, text):
+    expected, reference = teacher_forced(gpt, text, {"budget": 0.5}, steps=2)
+    session = DecodeSession(gpt, {"budget": 0.5}, steps=2)
+    session.adapter.kernel = "triton"
+    session.prefill(text[:, :PROMPT])
+    logits = torch.stack([session.step(text[:, PROMPT + i:PROMPT + i + 1]) for i in range(2)], dim=1)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(session.kept_positions(), reference.kept_positions())

@@ -1,0 +1,232 @@
+"""KV-cache pruning quality: Keyformer vs H2O vs StreamingLLM on the trained byte-level GPT.
+
+What is scored. Windows of held-out CPython stdlib bytes (the validation stream of
+slimline.models.corpus), each as long as the model's context (gpt-small 1024, gpt-tiny 256;
+neither allows 2048), evenly spaced through the stream: the first P = 3/4 of a window is the
+prompt, prefilled with full attention; the cache is then pruned to the budget; the next N = 1/4
+bytes are fed one at a time (teacher forcing) through the decode loop with the pruned cache,
+which keeps evicting as it goes. Each decode step's logits predict the next byte, so N
+predictions per window are scored: bits/byte against the true bytes, next-byte top-1 accuracy,
+and top-1 agreement with the full-cache model's predictions at the same positions. The
+prefill's own prediction (made before any pruning) is not scored.
+
+Budgets are fractions of the tokens seen (slimline.passes.kv_prune): f of the prompt right after
+prefill, f of prompt + generated later. All methods share the harness, the budgets and, for
+Keyformer and H2O, the recent window (30% of the budget); StreamingLLM keeps 4 sinks + the rest
+recent. Keyformer's Gumbel noise is seeded; it runs with several seeds, reported as mean and
+spread. Differences against StreamingLLM are paired per window (mean ± 1.96 standard errors).
+
+    python benchmarks/kv_prune_quality.py                   # gpt-small if its checkpoint is here, else gpt-tiny
+    python benchmarks/kv_prune_quality.py --model gpt-tiny --windows 256
+
+Writes benchmarks/results/kv_prune_quality_<model>.json and .md; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slimline.kv import DecodeSession
+from slimline.models.checkpoint import CHECKPOINT_DIR
+from slimline.models.corpus import python_version
+from slimline.models.quality import held_out_text, trained_model
+
+LOG2 = math.log(2)
+
+
+def default_model() -> str:
+    return "gpt-small" if (CHECKPOINT_DIR / "gpt-small.safetensors").exists() else "gpt-tiny"
+
+
+def windows_of(stream: bytes, length: int, count: int) -> torch.Tensor:
+    """(count, length) byte windows at evenly spaced, non-overlapping offsets."""
+    available = len(stream) // length
+    count = min(count, available)
+    stride = available // count
+    rows = [list(stream[i * stride * length:(i * stride) * length + length]) for i in range(count)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@torch.no_grad()
+def teacher_forced(model, windows: torch.Tensor, prompt: int, steps: int, kv_prune, batch: int):
+    """Per-window scored logits (W, N, V) float32 and the sessions' mean stats."""
+    all_logits, stats = [], []
+    for start in range(0, len(windows), batch):
+        rows = windows[start:start + batch]
+        session = DecodeSession(model, kv_prune, steps=steps)
+        session.prefill(rows[:, :prompt])
+        logits = [session.step(rows[:, prompt + i:prompt + i + 1]) for i in range(steps)]
+        all_logits.append(torch.stack(logits, dim=1).float())
+        stats.append(session.stats)
+    keys = ("kv_cache_bytes", "full_kv_cache_bytes", "attention_key_reads", "full_attention_key_reads",
+            "kept_after_prompt", "cache_slots")
+    summary = {key: sum(s[key] for s in stats) / len(stats) for key in keys}
+    return torch.cat(all_logits), summary
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor, reference_top1: torch.Tensor | None) -> dict:
+    """Metrics over (W, N, V) logits; also per-window bits/byte for paired comparisons."""
+    nats = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    top1 = logits.argmax(-1)
+    result = {
+        "bits_per_byte": float(nats.double().mean() / LOG2),
+        "top1_accuracy": float((top1 == targets).double().mean()),
+        "per_window_bits": (nats.double().mean(dim=1) / LOG2).tolist(),
+    }
+    if reference_top1 is not None:
+        result["top1_agreement"] = float((top1 == reference_top1).double().mean())
+    return result
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean of a - b and its 95% interval (normal approximation), per window."""
+    differences = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(differences)
+    half = 1.96 * statistics.stdev(differences) / math.sqrt(len(differences))
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def markdown_table(rows: list[dict], full: dict) -> str:
+    lines = ["| budget | method | bits/byte | Δ vs full | top-1 agreement | top-1 accuracy | KV bytes | attention keys read |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| 100% | full cache | {full['bits_per_byte']:.4f} | — | 1.0000 | {full['top1_accuracy']:.4f} | 1.000 | 1.000 |"]
+    for row in rows:
+        spread = f" ± {row['bits_per_byte_seed_spread']:.4f}" if row.get("bits_per_byte_seed_spread") else ""
+        lines.append(f"| {row['budget']:.0%} | {row['method']} | {row['bits_per_byte']:.4f}{spread} | "
+                     f"{row['relative_increase']:+.2%} | {row['top1_agreement']:.4f} | {row['top1_accuracy']:.4f} | "
+                     f"{row['kv_bytes_ratio']:.3f} | {row['attention_reads_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="gpt-small or gpt-tiny (default: gpt-small if trained)")
+    parser.add_argument("--windows", type=int, default=None, help="windows scored (default 512 tiny, 96 small)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--budgets", default="0.5,0.3,0.2")
+    parser.add_argument("--policies", default="keyformer,h2o,streaming")
+    parser.add_argument("--seeds", type=int, default=3, help="Keyformer Gumbel-noise seeds")
+    parser.add_argument("--window", type=float, default=0.3, help="recent window, fraction of the budget")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    name = args.model or default_model()
+    model = trained_model(name)
+    context = model.config.context_length
+    prompt, steps = context * 3 // 4, context // 4
+    count = args.windows or (512 if name == "gpt-tiny" else 96)
+    batch = args.batch or (64 if name == "gpt-tiny" else 16)
+    windows = windows_of(held_out_text(), context + 1, count)  # positions 0..context-1, + the last target
+    targets = windows[:, prompt + 1:]  # (W, N): decode step i feeds byte prompt + i, predicts prompt + i + 1
+    started = time.time()
+
+    full_logits, _ = teacher_forced(model, windows, prompt, steps, None, batch)
+    # the decode loop's full cache against the model run on whole sequences: the harness itself
+    whole = model(windows[:batch, :context])[:, prompt:].float()
+    harness_error = float((whole - full_logits[:batch]).abs().max())
+    reference_top1 = full_logits.argmax(-1)
+    full = score(full_logits, targets, reference_top1)
+
+    rows = []
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for budget in budgets:
+        for policy in args.policies.split(","):
+            seeds = range(args.seeds) if policy == "keyformer" else [0]
+            runs = []
+            for seed in seeds:
+                config = {"policy": policy, "budget": budget, "window": args.window, "seed": seed}
+                logits, stats = teacher_forced(model, windows, prompt, steps, config, batch)
+                runs.append((score(logits, targets, reference_top1), stats))
+            bits = [r["bits_per_byte"] for r, _ in runs]
+            per_window = [statistics.fmean(values) for values in zip(*(r["per_window_bits"] for r, _ in runs))]
+            stats = runs[0][1]
+            rows.append({
+                "budget": budget, "method": policy, "seeds": len(runs),
+                "bits_per_byte": statistics.fmean(bits),
+                "bits_per_byte_seed_spread": (max(bits) - min(bits)) / 2 if len(bits) > 1 else None,
+                "bits_per_byte_per_seed": bits,
+                "relative_increase": statistics.fmean(bits) / full["bits_per_byte"] - 1,
+                "top1_agreement": statistics.fmean(r["top1_agreement"] for r, _ in runs),
+                "top1_accuracy": statistics.fmean(r["top1_accuracy"] for r, _ in runs),
+                "kv_bytes_ratio": stats["kv_cache_bytes"] / stats["full_kv_cache_bytes"],
+                "attention_reads_ratio": stats["attention_key_reads"] / stats["full_attention_key_reads"],
+                "kept_after_prompt": stats["kept_after_prompt"],
+                "per_window_bits": per_window,
+            })
+
+    comparisons = {}
+    for budget in budgets:
+        by_method = {row["method"]: row for row in rows if row["budget"] == budget}
+        if "keyformer" in by_method and "streaming" in by_method:
+            comparisons[f"keyformer - streaming @ {budget:.0%}"] = paired(
+                by_method["keyformer"]["per_window_bits"], by_method["streaming"]["per_window_bits"])
+        if "keyformer" in by_method and "h2o" in by_method:
+            comparisons[f"keyformer - h2o @ {budget:.0%}"] = paired(
+                by_method["keyformer"]["per_window_bits"], by_method["h2o"]["per_window_bits"])
+
+    def row_of(method, budget):
+        return next((r for r in rows if r["method"] == method and r["budget"] == budget), None)
+
+    checks = {}
+    keyformer_half = row_of("keyformer", 0.5)
+    if keyformer_half:
+        checks["keyformer @ 50%: bits/byte increase <= 1% relative"] = keyformer_half["relative_increase"] <= 0.01
+    for budget in (0.3, 0.2):
+        k, s = row_of("keyformer", budget), row_of("streaming", budget)
+        if k and s:
+            checks[f"keyformer beats streaming @ {budget:.0%}"] = k["bits_per_byte"] < s["bits_per_byte"]
+
+    card = json.loads((CHECKPOINT_DIR / f"{name}.json").read_text())
+    record = {
+        "benchmark": "kv_prune_quality", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": name, "checkpoint_sha256": card["checkpoint"]["sha256"],
+        "model_validation_bits_per_byte": card.get("metrics", {}).get("validation_bits_per_byte"),
+        "data": f"{python_version()} stdlib validation stream, {len(windows)} windows of {context} bytes "
+                f"(evenly spaced), sha256 {hashlib.sha256(held_out_text()).hexdigest()[:16]}",
+        "held_out_matches_card": hashlib.sha256(held_out_text()).hexdigest() == card["corpus"]["sha256_validation"],
+        "protocol": {"prompt_bytes": prompt, "scored_bytes_per_window": steps, "scored_bytes": targets.numel(),
+                     "window": args.window, "streaming_sinks": 4, "keyformer_tau": [1.0, 2.0],
+                     "budget_meaning": "fraction of the tokens seen: f of the prompt after prefill"},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "device": f"cpu ({platform.machine()}, {args.threads} thread(s))",
+        "seconds": round(time.time() - started, 1),
+        "harness_max_abs_error_vs_full_forward": harness_error,
+        "full": {key: value for key, value in full.items() if key != "per_window_bits"},
+        "rows": [{key: value for key, value in row.items() if key != "per_window_bits"} for row in rows],
+        "paired_bits_per_byte_differences": comparisons,
+        "acceptance": checks,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kv_prune_quality_{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    table = markdown_table(rows, full)
+    lines = [f"# KV-cache pruning quality on {name}", "",
+             f"{record['data']}; prompt {prompt} bytes (full attention), then {steps} bytes teacher-forced "
+             f"through the pruned cache and scored ({targets.numel():,} bytes). Keyformer: mean of "
+             f"{args.seeds} Gumbel seeds (± half the range). Window {args.window:.0%} of the budget for "
+             f"Keyformer and H2O; StreamingLLM: 4 sinks + recent. KV bytes and keys read are relative to a "
+             f"full cache over the same tokens. {record['date'][:10]}, {record['device']}, "
+             f"torch {torch.__version__}.", "", table, "",
+             "Paired per-window differences in bits/byte (95% interval):", ""]
+    lines += [f"- {name_}: {c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" for name_, c in comparisons.items()]
+    lines += ["", "Acceptance:", ""] + [f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in checks.items()]
+    (out / f"kv_prune_quality_{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"harness check: decode-loop full cache vs whole-sequence forward, max |Δlogit| {harness_error:.2e}")
+    print("\n".join(lines[2:]))
+
+
+if __name__ == "__main__":
+    main()
