@@ -16,6 +16,7 @@ from slimline.ir.graph import Graph
 from slimline.passes import canonicalize_linear, dead_code, fuse_attention, fuse_norm
 from slimline.passes import fft_conv
 from slimline.passes import lowrank
+from slimline.passes import monarch
 from slimline.passes import quantize
 from slimline.passes.base import LayerDecision, PassContext, PassSpec, pass_spec
 from slimline.report import PassRecord, Report
@@ -29,6 +30,7 @@ PIPELINE: list[PassSpec] = [
     pass_spec(fuse_norm),            # hand-written RMSNorm / LayerNorm chains -> one norm op
     pass_spec(fft_conv),             # long depthwise/grouped conv1d -> rfft · filter spectrum -> irfft
     pass_spec(lowrank),              # dense W -> two thinner linears B·A, ranks inside the budget
+    pass_spec(monarch),              # dense W -> block-diagonal R, permute, block-diagonal L (Monarch), gated by SVD and budget
     pass_spec(quantize),             # dense W -> 2-8-bit packed weights (RTN/GPTQ), sensitive layers kept
     pass_spec(dead_code),            # drop nodes and weights nobody reads
 ]
