@@ -21,6 +21,7 @@ One site is one softmax. The rule, as pattern + check + replacement::
               negative that adding it gives the same score; dtypes compatible; dropout inert
     replace   out = scaled_dot_product_attention(query, key, value, attn_mask=Σ masks, scale=c/c')
               # 1 / scale, with scale=1.0 written out for T5, which does not scale
+              # Σ masks constant and causal: attn_mask=None, is_causal=True; all zero: no mask
 
 Masks are collected into one additive float mask, in SDPA's convention (``QKᵀ·scale + mask``):
 a term added before a scalar multiply is multiplied by it; ``masked_fill(x, m, v)`` and
@@ -29,6 +30,18 @@ a term added before a scalar multiply is multiplied by it; ``masked_fill(x, m, v
 fill value such as ``-1e4`` is refused, because a row whose every key is masked would then differ.
 Rows where every key is masked with ``-inf`` are NaN in eager attention and 0 in SDPA (torch's
 ``_safe_softmax``).
+
+Constant masks (``Config.constant_masks``): when the mask reads no input's values, only sizes and
+constants (transformers' causal mask built from ``arange`` and compares when no ``attention_mask``
+is passed; the reference GPT's ``where(key_pos <= query_pos, 0, -inf)``; ViT's all-zero mask),
+:mod:`slimline.passes.causal_mask` evaluates it and the site gets ``is_causal=True`` and no mask
+when it is exactly causal with L == S, or no mask at all when it keeps every score. transformers'
+own ``sdpa`` build does the same, and without an explicit mask CUDA can run the flash kernel.
+Static shapes: proven at the one size. Dynamic shapes: proven at every accepted size when the
+ranges are small (``Config.mask_check_sizes``), else checked at a sample of sizes
+(``mask_sampled_sizes`` counts those sites); that module's docstring says exactly what holds.
+Masks from inputs (padding masks, a decode step's ``input_pos``) stay, and so do causal masks
+combined with padding.
 
 Grouped-query attention: K/V repeated by ``repeat_kv`` (``unsqueeze → expand → reshape``) are
 handed to SDPA un-repeated with ``enable_gqa=True`` (``Config.unrepeat_kv``): exact (head ``h``
@@ -39,12 +52,15 @@ for SDPA at opset ≥ 23 only for 4-D inputs, and ORT's CPU ``Attention`` reject
 query dimension is broadcast (BERT's ``(B, 1, 1, S)`` padding mask). So the replacement always
 has 4-D operands (3-D bmm attention gets a leading 1) and a mask whose last two dimensions are
 expanded to full length (a view in torch, free). SDPA calls already in the graph are counted
-(``already_sdpa``) and normalised the same way.
+(``already_sdpa``) and normalised the same way, constant masks included. An SDPA with
+``is_causal=True`` exports as ``Attention(is_causal=1)``, which ORT's CPU kernel runs (also with
+``enable_gqa``).
 
 Stats count fusions per pattern (``fused_scaled_mask``, ``fused_unscaled_bias``: ``unscaled``
 when the scale is 1, ``mask`` for one additive term, ``bias`` for several, ``_gqa`` when K/V were
-un-repeated), ``already_sdpa``, ``normalized_sdpa`` and ``near_miss``; every site gets a
-:class:`LayerDecision`, a near-miss with its reason in ``why_not``.
+un-repeated), ``already_sdpa``, ``normalized_sdpa`` and ``near_miss``; ``causal_from_mask`` and
+``zero_mask_dropped`` count constant masks replaced, ``mask kept: <reason>`` those kept. Every
+site gets a :class:`LayerDecision`, a near-miss with its reason in ``why_not``.
 """
 
 from __future__ import annotations
@@ -60,6 +76,7 @@ from torch._guards import detect_fake_mode
 
 from slimline.ir.graph import Graph, module_path, stamp
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
+from slimline.passes.causal_mask import CAUSAL, ConstantMask, classify_mask
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "AttentionMatch", "match_attention"]
 
@@ -89,6 +106,13 @@ class Config:
     normalize_sdpa: bool = tunable(True, (True, False),
                                    "give SDPA calls already in the graph the same 4-D, full-mask "
                                    "form the exporter and ORT need")
+    constant_masks: bool = tunable(True, (True, False),
+                                   "a mask computed from sizes and constants only: drop it when it "
+                                   "keeps every score, use is_causal=True when it is exactly causal "
+                                   "(either lets CUDA run the flash kernel)")
+    mask_check_sizes: int = tunable(256, (16, 256, 4096),
+                                    "dynamic shapes: check a constant mask at every accepted size "
+                                    "when there are at most this many, else at a sample of them")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +192,7 @@ class AttentionMatch:
     output_permutation: list[int] | None = None
     enable_gqa: bool = False
     unrepeated: bool = False
+    constant_mask: str | None = None  # ZERO: the mask goes; CAUSAL: is_causal=True instead
 
     @property
     def pattern(self) -> str:
@@ -767,7 +792,7 @@ def _replace(graph: Graph, match: AttentionMatch, config: Config) -> fx.Node:
         key = emit(aten.transpose.int, key, -2, -1)
     if match.value_permutation:
         value = emit(aten.permute.default, value, match.value_permutation)
-    mask = _build_mask(emit, match.terms, _val(match.score_product).dtype)
+    mask = None if match.constant_mask else _build_mask(emit, match.terms, _val(match.score_product).dtype)
     rank = _val(query).dim()
     for _ in range(4 - rank):            # ONNX Attention takes 4-D operands only (bmm forms are
         query, key, value = (emit(aten.unsqueeze.default, t, 0) for t in (query, key, value))
@@ -777,6 +802,8 @@ def _replace(graph: Graph, match: AttentionMatch, config: Config) -> fx.Node:
     if mask is not None:
         mask = _detached(emit, mask)
     kwargs: dict[str, Any] = {"attn_mask": mask, "scale": match.scale}
+    if match.constant_mask == CAUSAL:
+        kwargs["is_causal"] = True
     if match.enable_gqa:
         kwargs["enable_gqa"] = True
     fused = emit(_SDPA, query, key, value, **kwargs)
@@ -862,6 +889,105 @@ def _expand_mask(emit: _Builder, mask: fx.Node, query: fx.Node, key: fx.Node) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# constant masks: causal -> is_causal=True, all zero -> no mask
+
+
+class _ConstantMasks:
+    """Verdicts of :func:`classify_mask`, one per distinct mask (a model's layers share one)."""
+
+    def __init__(self, graph: Graph, config: Config):
+        self.graph, self.config = graph, config
+        self.verdicts: dict[tuple, ConstantMask | Reason] = {}
+
+    def site(self, match: AttentionMatch) -> ConstantMask | Reason | None:
+        """For a matched site: None without a mask, else what its mask is or why it stays."""
+        if not match.terms:
+            return None
+        if not self.config.constant_masks:
+            return Reason("disabled (Config.constant_masks)")
+        scores = _val(match.score_product)
+        nodes = [term.tensor if term.tensor is not None else term.fill_where for term in match.terms]
+        key = (tuple((id(n), t.fill, t.factor, t.negate, t.fill_where_negated)
+                     for n, t in zip(nodes, match.terms)), _shape_key(scores.shape), scores.dtype)
+        if key not in self.verdicts:
+            self.verdicts[key] = classify_mask(self.graph, nodes, _additive(match.terms, scores.dtype),
+                                               tuple(scores.shape), self.config.mask_check_sizes)
+        return self.verdicts[key]
+
+    def sdpa(self, node: fx.Node) -> ConstantMask | Reason | None:
+        """For an SDPA call already in the graph (boolean or additive ``attn_mask``)."""
+        mask = _sdpa_argument(node, 3, "attn_mask")
+        if not isinstance(mask, fx.Node):
+            return None
+        if not self.config.constant_masks:
+            return Reason("disabled (Config.constant_masks)")
+        if _sdpa_argument(node, 4, "dropout_p", 0.0) != 0 or _sdpa_argument(node, 5, "is_causal", False):
+            return Reason("the call has dropout or is_causal already")
+        query, key = _val(node.args[0]), _val(node.args[1])
+        if query is None or key is None or _val(mask) is None:
+            return Reason("computed by an op without recorded shapes")
+        scores_shape = (*query.shape[:-1], key.shape[-2])
+        cache_key = (id(mask), _shape_key(scores_shape), "sdpa")
+        if cache_key not in self.verdicts:
+            self.verdicts[cache_key] = classify_mask(self.graph, [mask], lambda values: values[0],
+                                                     scores_shape, self.config.mask_check_sizes)
+        return self.verdicts[cache_key]
+
+
+def _shape_key(shape: Any) -> tuple:
+    return tuple(str(size) for size in shape)   # SymInts do not hash; their expressions print
+
+
+def _additive(terms: list[MaskTerm], dtype: torch.dtype) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """Σ terms evaluated in torch, as :func:`_build_mask` writes them into the graph."""
+    def combine(values: list[torch.Tensor]) -> torch.Tensor:
+        mask = None
+        for term, value in zip(terms, values):
+            factor = -term.factor if term.negate else term.factor
+            if term.tensor is not None:
+                part = value
+            else:
+                where_fill = (0.0, term.fill) if term.fill_where_negated else (term.fill, 0.0)
+                part = torch.where(value, *where_fill).to(dtype)
+            if factor != 1.0:
+                part = part * factor
+            mask = part if mask is None else mask + part
+        return mask
+    return combine
+
+
+def _sdpa_argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _drop_sdpa_mask(node: fx.Node, kind: str) -> None:
+    """Drop an SDPA call's constant mask; a causal one becomes ``is_causal=True``."""
+    if len(node.args) > 3:
+        node.update_arg(3, None)
+    else:
+        node.update_kwarg("attn_mask", None)
+    if kind != CAUSAL:
+        return
+    if len(node.args) > 5:
+        node.update_arg(5, True)
+    else:
+        node.update_kwarg("is_causal", True)
+
+
+def _count_mask(stats: dict[str, float], verdict: ConstantMask | Reason | None) -> str | None:
+    """Count a verdict in ``stats``; the kind of constant mask that goes, or None when it stays."""
+    if isinstance(verdict, ConstantMask):
+        stats["causal_from_mask" if verdict.kind == CAUSAL else "zero_mask_dropped"] += 1
+        if not verdict.exhaustive:
+            stats["mask_sampled_sizes"] = stats.get("mask_sampled_sizes", 0) + 1
+        return verdict.kind
+    if isinstance(verdict, Reason):
+        key = f"mask kept: {verdict}"
+        stats[key] = stats.get(key, 0) + 1
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # SDPA already in the graph
 
 
@@ -938,14 +1064,19 @@ def _flops(graph: Graph, nodes: list[fx.Node]) -> str:
 
 
 def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
-    stats: dict[str, float] = {"already_sdpa": 0, "normalized_sdpa": 0, "near_miss": 0}
+    stats: dict[str, float] = {"already_sdpa": 0, "normalized_sdpa": 0, "near_miss": 0,
+                               "causal_from_mask": 0, "zero_mask_dropped": 0}
     decisions: list[LayerDecision] = []
+    constant_masks = _ConstantMasks(graph, config)
     for node in list(graph.fx.nodes):
         if node.op != "call_function":
             continue
         if node.target == _SDPA or node.target in _OTHER_SDPA:
             stats["already_sdpa"] += 1
-            if node.target == _SDPA and _normalize_sdpa(graph, node, config):
+            kind = _count_mask(stats, constant_masks.sdpa(node)) if node.target == _SDPA else None
+            if kind:
+                _drop_sdpa_mask(node, kind)
+            elif node.target == _SDPA and _normalize_sdpa(graph, node, config):
                 stats["normalized_sdpa"] += 1
             flops = _flops(graph, [node])
             decisions.append(LayerDecision(module_path(node), ATTENTION, ALREADY, NAME,
@@ -958,13 +1089,15 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
                     decisions.append(LayerDecision(module_path(node), ATTENTION, KEPT, NAME,
                                                    why_not=str(found)))
                 continue
+            found.constant_mask = _count_mask(stats, constant_masks.site(found))
             before = _flops(graph, [found.score_product, *found.score_chain, found.softmax,
                                     *found.prob_chain, found.value_product])
             fused = _replace(graph, found, config)
             stats[found.pattern] = stats.get(found.pattern, 0) + 1
             decisions.append(LayerDecision(module_path(fused), ATTENTION, FUSED, NAME,
                                            flops_before=before, flops_after=_flops(graph, [fused])))
-    changed = any(v for k, v in stats.items() if k.startswith("fused_")) or stats["normalized_sdpa"] > 0
+    changed = any(v for k, v in stats.items() if k.startswith("fused_")) or \
+        stats["normalized_sdpa"] > 0 or stats["causal_from_mask"] > 0 or stats["zero_mask_dropped"] > 0
     if changed:
         graph.fx.eliminate_dead_code()
         graph.recompile()

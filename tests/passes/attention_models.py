@@ -138,6 +138,69 @@ class RowMaxShifted(_Projections):
         return merge(scores.softmax(-1) @ v)
 
 
+# -- constant masks: computed from sizes only; causal ones become is_causal, zero ones go ----
+
+
+class CausalFill(_Projections):
+    """masked_fill(-inf) above the diagonal, the boolean mask built from sizes: causal."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        position = torch.arange(x.shape[1])
+        future = position[None, :] > position[:, None]  # (L, S)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(E)).masked_fill(future, float("-inf"))
+        return merge(scores.softmax(-1) @ v)
+
+
+class ZeroMask(_Projections):
+    """adds a constant all-zero (B, 1, L, S) mask, as transformers' ViT does: the mask goes."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        mask = torch.zeros(B, 1, L, L)
+        return merge(torch.softmax(q @ k.transpose(-2, -1) * E ** -0.5 + mask, dim=-1) @ v)
+
+
+class CausalBoolSdpa(_Projections):
+    """SDPA called with a boolean causal mask (True on and below the diagonal)."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        keep = torch.ones(L, L, dtype=torch.bool).tril()
+        return merge(F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+
+
+class SlidingWindow(_Projections):
+    """causal, but each query sees only its last 3 keys: constant, not causal; the mask stays."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        position = torch.arange(L)
+        distance = position[:, None] - position[None, :]  # (L, S): query - key
+        keep = (distance >= 0) & (distance < 3)
+        scores = torch.where(keep, q @ k.transpose(-2, -1) * E ** -0.5, float("-inf"))
+        return merge(scores.softmax(-1) @ v)
+
+
+class ShiftedCausal(_Projections):
+    """each query also sees the next key (tril(1)): constant, off by one, not causal."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        mask = torch.full((L, L), float("-inf")).triu(2)
+        return merge(torch.softmax(q @ k.transpose(-2, -1) * E ** -0.5 + mask, dim=-1) @ v)
+
+
+class ModerateCausal(_Projections):
+    """an additive causal mask of -1e4: fused with its mask (exact), but not absorbing, so it
+    does not become is_causal (a masked key still gets exp(-1e4 + ...) > 0 for large scores)."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        mask = torch.full((L, L), -1e4).triu(1)
+        return merge(torch.softmax(q @ k.transpose(-2, -1) * E ** -0.5 + mask, dim=-1) @ v)
+
+
 # -- near-misses: look like attention, must not be fused ------------------------------------
 
 
