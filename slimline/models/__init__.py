@@ -14,8 +14,9 @@ example inputs to capture it with. ``DEFAULT_MODEL`` is what the CLI works on wh
     hyena              Hyena, ~1.35M params, filters of 1024   idx (1, 1024) int64
 
 Every factory takes ``weights: str | None = None``. ``None`` means seeded random weights;
-a path will name a trained checkpoint (safetensors) once checkpoint loading exists, and goes
-through ``load_weights`` below, the one place to implement it.
+a ``.safetensors`` path or the name of a bundled checkpoint (``"gpt-tiny"``, ``"gpt-small"``,
+``"vit"``, ``"mixer"``) loads trained weights through ``load_weights`` below
+(see ``slimline.models.checkpoint``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slimline.errors import ConfigError
 from slimline.models.bert import BertConfig, BertEncoder
 from slimline.models.gpt import GPT, GPT_CONFIGS, GPTConfig, GPTDecode, GPTPrefill, generate
 from slimline.models.hyena import Hyena, HyenaConfig
@@ -58,15 +58,12 @@ DECODE_PROMPT_LENGTH = 16  # gpt-small-decode's example decodes after a 16-byte 
 
 
 def load_weights(model: nn.Module, weights: str | None) -> nn.Module:
-    """Load a checkpoint into model; ``None`` keeps its seeded random weights."""
+    """Load a checkpoint (path or bundled name) into model; ``None`` keeps its seeded random weights."""
     if weights is None:
         return model
-    raise ConfigError(
-        f"cannot load checkpoint {weights!r}: checkpoint loading is not implemented yet",
-        stage="models",
-        where=type(model).__name__,
-        hint="build the model with weights=None (seeded random weights)",
-    )
+    from slimline.models.checkpoint import load_into
+
+    return load_into(model, weights)
 
 
 def _seeded(build: Callable[[], nn.Module]) -> nn.Module:

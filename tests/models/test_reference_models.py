@@ -62,11 +62,11 @@ def test_factories_are_seeded_and_leave_global_rng_alone():
         assert torch.equal(a, b), name
 
 
-def test_weights_argument_is_reserved_for_checkpoints():
+def test_weights_argument_loads_checkpoints():
     model, _ = REFERENCE_MODELS["mixer"](weights=None)
     assert load_weights(model, None) is model
-    with pytest.raises(SlimlineError, match="not implemented"):
-        REFERENCE_MODELS["mixer"](weights="mixer.safetensors")
+    with pytest.raises(SlimlineError, match="not found"):
+        REFERENCE_MODELS["mixer"](weights="no-such-checkpoint.safetensors")
 
 
 @pytest.mark.parametrize("reference", DISTINCT_MODELS, indirect=True)
