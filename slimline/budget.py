@@ -24,6 +24,11 @@ METRICS: dict[str, tuple[Callable[..., float], bool]] = {}
 _OUTPUT_METRICS = ("cosine", "rel_error")
 
 
+def _register_task_metrics() -> None:
+    """Import the quality harness, which registers the task metrics (bits_per_byte, accuracy…)."""
+    import slimline.models.quality  # noqa: F401
+
+
 def register_metric(name: str, function: Callable[..., float], *, higher_is_better: bool) -> None:
     METRICS[name] = (function, higher_is_better)
 
@@ -42,6 +47,9 @@ class Budget:
             raise ConfigError(f"Budget.max_loss must be a fraction in [0, 1), got {self.max_loss!r}",
                               stage="configure", where="Budget",
                               hint="write 1% as max_loss=0.01")
+        if isinstance(self.metric, str) and self.metric not in _OUTPUT_METRICS \
+                and self.metric not in METRICS:
+            _register_task_metrics()
         if isinstance(self.metric, str) and self.metric not in _OUTPUT_METRICS \
                 and self.metric not in METRICS:
             valid = ", ".join(sorted({*_OUTPUT_METRICS, *METRICS}))
