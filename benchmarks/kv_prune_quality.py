@@ -31,6 +31,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from slimline.kv import DecodeSession
+from slimline.kv.session import prefill_together
 from slimline.models.checkpoint import CHECKPOINT_DIR
 from slimline.models.corpus import python_version
 from slimline.models.quality import held_out_text, trained_model
@@ -59,20 +61,29 @@ def windows_of(stream: bytes, length: int, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced(model, windows: torch.Tensor, prompt: int, steps: int, kv_prune, batch: int):
-    """Per-window scored logits (W, N, V) float32 and the sessions' mean stats."""
-    all_logits, stats = [], []
+def teacher_forced_all(model, windows: torch.Tensor, prompt: int, steps: int, configs: dict, batch: int) -> dict:
+    """For every named kv_prune config: scored logits (W, N, V) float32 and mean session stats.
+
+    Per batch of windows, one shared prefill (``prefill_together``: each policy scores the same
+    prompt attention as in its own prefill), then N teacher-forced decode steps per config.
+    """
+    logits = {name: [] for name in configs}
+    stats = {name: [] for name in configs}
     for start in range(0, len(windows), batch):
+        began = time.time()
         rows = windows[start:start + batch]
-        session = DecodeSession(model, kv_prune, steps=steps)
-        session.prefill(rows[:, :prompt])
-        logits = [session.step(rows[:, prompt + i:prompt + i + 1]) for i in range(steps)]
-        all_logits.append(torch.stack(logits, dim=1).float())
-        stats.append(session.stats)
+        sessions = {name: DecodeSession(model, config, steps=steps) for name, config in configs.items()}
+        prefill_together(list(sessions.values()), rows[:, :prompt])
+        for name in configs:
+            session = sessions.pop(name)  # decode, then let its cache go
+            step_logits = [session.step(rows[:, prompt + i:prompt + i + 1]) for i in range(steps)]
+            logits[name].append(torch.stack(step_logits, dim=1).float())
+            stats[name].append(session.stats)
+        print(f"  windows {start + len(rows)}/{len(windows)}: {time.time() - began:.0f} s", file=sys.stderr, flush=True)
     keys = ("kv_cache_bytes", "full_kv_cache_bytes", "attention_key_reads", "full_attention_key_reads",
             "kept_after_prompt", "cache_slots")
-    summary = {key: sum(s[key] for s in stats) / len(stats) for key in keys}
-    return torch.cat(all_logits), summary
+    return {name: (torch.cat(logits[name]), {key: statistics.fmean(s[key] for s in stats[name]) for key in keys})
+            for name in configs}
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor, reference_top1: torch.Tensor | None) -> dict:
@@ -112,11 +123,11 @@ def markdown_table(rows: list[dict], full: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="gpt-small or gpt-tiny (default: gpt-small if trained)")
-    parser.add_argument("--windows", type=int, default=None, help="windows scored (default 512 tiny, 96 small)")
+    parser.add_argument("--windows", type=int, default=None, help="windows scored (default 512 tiny, 64 small)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--budgets", default="0.5,0.3,0.2")
     parser.add_argument("--policies", default="keyformer,h2o,streaming")
-    parser.add_argument("--seeds", type=int, default=3, help="Keyformer Gumbel-noise seeds")
+    parser.add_argument("--seeds", type=int, default=None, help="Keyformer Gumbel-noise seeds (default 3 tiny, 2 small)")
     parser.add_argument("--window", type=float, default=0.3, help="recent window, fraction of the budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
@@ -127,40 +138,46 @@ def main() -> None:
     model = trained_model(name)
     context = model.config.context_length
     prompt, steps = context * 3 // 4, context // 4
-    count = args.windows or (512 if name == "gpt-tiny" else 96)
+    count = args.windows or (512 if name == "gpt-tiny" else 64)
     batch = args.batch or (64 if name == "gpt-tiny" else 16)
+    args.seeds = args.seeds or (3 if name == "gpt-tiny" else 2)
     windows = windows_of(held_out_text(), context + 1, count)  # positions 0..context-1, + the last target
     targets = windows[:, prompt + 1:]  # (W, N): decode step i feeds byte prompt + i, predicts prompt + i + 1
     started = time.time()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    policies = args.policies.split(",")
+    configs = {("full", 1.0, 0): None}
+    for budget in budgets:
+        for policy in policies:
+            for seed in (range(args.seeds) if policy == "keyformer" else [0]):
+                configs[(policy, budget, seed)] = {"policy": policy, "budget": budget, "window": args.window,
+                                                   "seed": seed}
+    runs = teacher_forced_all(model, windows, prompt, steps, configs, batch)
 
-    full_logits, _ = teacher_forced(model, windows, prompt, steps, None, batch)
+    full_logits = runs[("full", 1.0, 0)][0]
     # the decode loop's full cache against the model run on whole sequences: the harness itself
-    whole = model(windows[:batch, :context])[:, prompt:].float()
+    with torch.no_grad():
+        whole = model(windows[:batch, :context])[:, prompt:].float()
     harness_error = float((whole - full_logits[:batch]).abs().max())
     reference_top1 = full_logits.argmax(-1)
     full = score(full_logits, targets, reference_top1)
 
     rows = []
-    budgets = [float(b) for b in args.budgets.split(",")]
     for budget in budgets:
-        for policy in args.policies.split(","):
-            seeds = range(args.seeds) if policy == "keyformer" else [0]
-            runs = []
-            for seed in seeds:
-                config = {"policy": policy, "budget": budget, "window": args.window, "seed": seed}
-                logits, stats = teacher_forced(model, windows, prompt, steps, config, batch)
-                runs.append((score(logits, targets, reference_top1), stats))
-            bits = [r["bits_per_byte"] for r, _ in runs]
-            per_window = [statistics.fmean(values) for values in zip(*(r["per_window_bits"] for r, _ in runs))]
-            stats = runs[0][1]
+        for policy in policies:
+            scored = [(score(logits, targets, reference_top1), stats)
+                      for (method, b, _), (logits, stats) in runs.items() if method == policy and b == budget]
+            bits = [r["bits_per_byte"] for r, _ in scored]
+            per_window = [statistics.fmean(values) for values in zip(*(r["per_window_bits"] for r, _ in scored))]
+            stats = scored[0][1]
             rows.append({
-                "budget": budget, "method": policy, "seeds": len(runs),
+                "budget": budget, "method": policy, "seeds": len(scored),
                 "bits_per_byte": statistics.fmean(bits),
                 "bits_per_byte_seed_spread": (max(bits) - min(bits)) / 2 if len(bits) > 1 else None,
                 "bits_per_byte_per_seed": bits,
                 "relative_increase": statistics.fmean(bits) / full["bits_per_byte"] - 1,
-                "top1_agreement": statistics.fmean(r["top1_agreement"] for r, _ in runs),
-                "top1_accuracy": statistics.fmean(r["top1_accuracy"] for r, _ in runs),
+                "top1_agreement": statistics.fmean(r["top1_agreement"] for r, _ in scored),
+                "top1_accuracy": statistics.fmean(r["top1_accuracy"] for r, _ in scored),
                 "kv_bytes_ratio": stats["kv_cache_bytes"] / stats["full_kv_cache_bytes"],
                 "attention_reads_ratio": stats["attention_key_reads"] / stats["full_attention_key_reads"],
                 "kept_after_prompt": stats["kept_after_prompt"],

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from slimline.errors import InputError
-from slimline.kv.attention import decode_attention, prefill_attention
+from slimline.kv.attention import PREFILL_CHUNK_ELEMENTS, decode_attention, prefill_attention
 
 __all__ = ["DecoderAdapter", "GPTAdapter", "LlamaFamilyAdapter", "CompactDecodeStep", "adapter_for",
            "LLAMA_FAMILY"]
@@ -119,10 +119,11 @@ class DecoderAdapter:
         x = self.embed(idx)  # (B, T, C)
         cos, sin = self.rotary(torch.arange(T, device=idx.device), x)
         keys, values = [], []
+        chunk_elements = PREFILL_CHUNK_ELEMENTS * (8 if idx.is_cuda else 1)  # 512 MiB of fp32 logits on a GPU
         for layer in range(self.n_layer):
             q, k, v = self.qkv(layer, x, cos, sin)
             layer_observer = None if observe is None else (lambda logits, layer=layer: observe(layer, logits))
-            attended = prefill_attention(q, k, v, self.scale, layer_observer)  # (B, H, T, D)
+            attended = prefill_attention(q, k, v, self.scale, layer_observer, chunk_elements)  # (B, H, T, D)
             x = self.finish_layer(layer, x, attended)
             keys.append(k)
             values.append(v)

@@ -33,7 +33,7 @@ from slimline.kv.keyformer import Keyformer
 from slimline.kv.streaming import StreamingLLM
 from slimline.passes.kv_prune import Plan, check_config, make_plan
 
-__all__ = ["DecodeSession", "make_policy"]
+__all__ = ["DecodeSession", "make_policy", "prefill_together"]
 
 
 def make_policy(plan: Plan, device: torch.device) -> EvictionPolicy:
@@ -59,6 +59,7 @@ class DecodeSession:
         self.seen = 0  # tokens through the model so far = the next token's position
         self.step_index = 0
         self.stats: dict[str, Any] = {}
+        self._prompt_scores: torch.Tensor | None = None
 
     @property
     def pruning(self) -> bool:
@@ -67,37 +68,44 @@ class DecodeSession:
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Run the prompt (B, P); return the last position's logits (B, V) (all: (B, P, V))."""
+        return prefill_together([self], idx, all_logits)
+
+    def _begin(self, B: int, P: int):
+        """Plan and policy for a prompt of P tokens; returns this session's prefill observer or None."""
         if self.cache is not None:
             raise InputError("this session already has a prompt", stage="generate", where="DecodeSession.prefill",
                              hint="start a new DecodeSession per prompt")
-        B, P = idx.shape
         adapter = self.adapter
         adapter.check_length(P + self.steps)
-        idx = idx.to(adapter.device)
-        scores = None
-        if self.config is not None:
-            self.plan = make_plan(self.config, P, self.steps)
-            self.policy = make_policy(self.plan, adapter.device)
-        observe = None
-        if self.policy is not None and self.policy.needs_attention:
-            scores = torch.zeros(adapter.n_layer, B, adapter.n_kv_head, P, dtype=torch.float32, device=adapter.device)
+        self._prompt_scores = None
+        if self.config is None:
+            return None
+        self.plan = make_plan(self.config, P, self.steps)
+        self.policy = make_policy(self.plan, adapter.device)
+        if not self.policy.needs_attention:
+            return None
+        scores = torch.zeros(adapter.n_layer, B, adapter.n_kv_head, P, dtype=torch.float32, device=adapter.device)
+        self._prompt_scores = scores
 
-            def observe(layer: int, logits: torch.Tensor) -> None:  # (B, Hkv, G, Tq, P)
-                scores[layer] += self.policy.weights(logits, 0).sum(dim=(2, 3))
+        def observe(layer: int, logits: torch.Tensor) -> None:  # (B, Hkv, G, Tq, P)
+            scores[layer] += self.policy.weights(logits, 0).sum(dim=(2, 3))
 
-        logits, keys, values = adapter.prefill(idx, observe, all_logits=all_logits)
-        keep = None
-        size = P
-        capacity = P + self.steps
+        return observe
+
+    def _finish(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the budget's worth of the prompt's keys/values (L, B, Hkv, P, D) in a new compact cache."""
+        L, B, H, P, _ = keys.shape
+        scores, keep, size, capacity = self._prompt_scores, None, P, P + self.steps
         if self.plan is not None:
             size, capacity = self.plan.size(P), self.plan.capacity
             if size < P:
-                positions = torch.arange(P, device=adapter.device).expand(adapter.n_layer, B, adapter.n_kv_head, P)
-                rank = self.policy.rank(scores if scores is not None else torch.zeros(positions.shape, device=adapter.device),
+                positions = torch.arange(P, device=keys.device).expand(L, B, H, P)
+                rank = self.policy.rank(scores if scores is not None else torch.zeros(positions.shape, device=keys.device),
                                         positions)
                 protected = protected_slots(positions, P - 1, self.plan.window(size), self.plan.sinks)
                 keep = keep_indices(rank, protected, size)  # (L, B, Hkv, size)
         self.cache = CompactKVCache.from_prompt(keys, values, scores, keep, capacity)
+        self._prompt_scores = None
         self.seen = P
         full_bytes = keys.element_size() * keys[:, :, :, :1].numel() * 2 * (P + self.steps)
         self.stats = {"policy": self.config.policy if self.config else "full", "prompt_tokens": P,
@@ -106,7 +114,6 @@ class DecodeSession:
                       "kv_cache_bytes": self.cache.nbytes, "full_kv_cache_bytes": full_bytes,
                       "bookkeeping_bytes": self.cache.bookkeeping_nbytes if self.pruning else 0,
                       "evictions": 0, "attention_key_reads": 0, "full_attention_key_reads": 0}
-        return logits if all_logits else logits[:, -1]
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -127,8 +134,8 @@ class DecodeSession:
                                                  want_attention=want_attention)
         self.seen += 1
         self.step_index += 1
+        cache.record(slot, position)
         if self.plan is not None:
-            cache.record(slot, position)
             if want_attention:
                 cache.accumulate(self.policy.weights(attention, self.step_index).sum(dim=3))  # (L, B, Hkv, S)
             size = self.plan.size(self.seen)
@@ -147,3 +154,30 @@ class DecodeSession:
         """(L, B, Hkv, kept) positions of the tokens in the cache, ascending (a freed slot left out)."""
         positions = self.cache.positions[..., : self.cache.filled].sort(dim=-1).values
         return positions[..., 1:] if self.cache.free_slot is not None else positions
+
+
+@torch.no_grad()
+def prefill_together(sessions: list[DecodeSession], idx: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    """Prefill several sessions of one model on one prompt with a single forward pass.
+
+    Each session's policy observes the same attention logits, in the same order, as it would in
+    its own prefill (so Keyformer's noise draws are the same too); each then keeps its own budget.
+    For comparing policies on one prompt at the cost of one prefill. Returns the logits as
+    :meth:`DecodeSession.prefill` does.
+    """
+    adapter = sessions[0].adapter
+    if any(session.adapter.model is not adapter.model for session in sessions):
+        raise InputError("prefill_together needs sessions of one model", stage="generate",
+                         where="prefill_together", hint="group sessions by model")
+    B, P = idx.shape
+    observers = [observer for observer in (session._begin(B, P) for session in sessions) if observer is not None]
+
+    def observe(layer: int, logits: torch.Tensor) -> None:
+        for observer in observers:
+            observer(layer, logits)
+
+    logits, keys, values = adapter.prefill(idx.to(adapter.device), observe if observers else None,
+                                           all_logits=all_logits)
+    for session in sessions:
+        session._finish(keys, values)
+    return logits if all_logits else logits[:, -1]

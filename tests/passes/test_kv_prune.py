@@ -234,6 +234,20 @@ def test_keyformer_is_seeded_and_its_noise_changes_the_choice(gpt, text):
     assert not torch.equal(a.kept_positions(), h2o.kept_positions())
 
 
+def test_one_shared_prefill_serves_several_policies_exactly(gpt, text):
+    from slimline.kv.session import prefill_together
+
+    configs = [None, {"budget": 0.3, "seed": 5}, {"policy": "h2o", "budget": 0.5}, {"policy": "streaming", "budget": 0.3}]
+    together = [DecodeSession(gpt, config, steps=2) for config in configs]
+    prefill_together(together, text[:, :PROMPT])
+    for config, shared in zip(configs, together):
+        alone = DecodeSession(gpt, config, steps=2)
+        alone.prefill(text[:, :PROMPT])
+        assert torch.equal(shared.kept_positions(), alone.kept_positions())
+        token = text[:, PROMPT:PROMPT + 1]
+        assert torch.equal(shared.step(token), alone.step(token))
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX: the decode step takes the pruned (smaller) cache
 
