@@ -128,16 +128,23 @@ def _calibration_inputs(model: torch.nn.Module, calibration: Any) -> list[tuple[
     return [normalize_inputs(model, sample) for sample in calibration]
 
 
-def optimize(model: torch.nn.Module, example_inputs: Any, target: str = "cpu", mode: str = "lossless",
-             passes: Any = None, budget: Budget | None = None, calibration: Any = None,
-             tune: str = "lite", *, dynamic_shapes: Any = None, strict: bool = False,
-             workdir: str | Path | None = None, name: str | None = None) -> OptimizedModel:
+def optimize(model: torch.nn.Module, example_inputs: Any = None, target: str = "cpu",
+             mode: str = "lossless", passes: Any = None, budget: Budget | None = None,
+             calibration: Any = None, tune: str = "lite", *, dynamic_shapes: Any = None,
+             strict: bool = False, workdir: str | Path | None = None,
+             name: str | None = None) -> OptimizedModel:
     """Capture, rewrite, tune, verify and package ``model`` for ``target``.
 
     ``dynamic_shapes`` names dynamic dimensions in torch.export's form, strings allowed
     (``{"x": {0: "batch"}}``); they become sympy symbols in the report's FLOPs. The user's model
-    is never modified.
+    is never modified. An ONNX file path or ``onnx.ModelProto`` goes to
+    :func:`slimline.onnx_in.optimize_onnx` (``target="onnxruntime"``; inputs optional).
     """
+    if isinstance(model, (str, Path)) or type(model).__name__ == "ModelProto":  # ONNX in
+        from slimline.onnx_in import optimize_onnx
+        return optimize_onnx(model, example_inputs, target=target, mode=mode, passes=passes,
+                             budget=budget, calibration=calibration, tune=tune, workdir=workdir,
+                             name=name, dynamic_shapes=dynamic_shapes, strict=strict)
     report = Report(model=name or type(model).__name__, target=target, mode=mode)
 
     with report.stage("check inputs"):
