@@ -54,8 +54,10 @@ ranks per module-path pattern. Ranks are multiples of ``rank_multiple`` (kernel-
 everything else is frozen; the loss is the feature MSE of every factorised layer's output against
 the original model's output of that layer, each normalised by the feature's mean square, plus
 ``recover_perturbation`` × the weight-perturbation term ``‖B·A − W‖² / ‖W‖²`` that keeps the
-recovered matrix near the original. Samples are the calibration samples, cycled. When the
-feature loss on all samples ends higher than it started, the factors are restored.
+recovered matrix near the original. Samples are the calibration samples, cycled. Adam's step is
+``recover_lr`` × each factor's RMS × the initial relative feature error (a factorisation that is
+already close moves little), cosine-decayed to zero. When the feature loss on all samples ends
+higher than it started, the factors are restored (``recover_reverted``).
 
 Stats count layers (``factorised``, ``kept_*`` by reason), parameters of the sites seen
 (``linear_params_before/after``), model evaluations, and recovery losses. Each site gets a
@@ -74,7 +76,6 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.fx._pytree as fx_pytree
-import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
 from slimline.ir.graph import Graph, module_path, stamp
@@ -97,6 +98,7 @@ METHODS = ("svd", "whitened", "best")
 ALLOCATIONS = ("uniform", "sensitivity")
 _PROBE_SAMPLES = 2           # samples used to probe each layer's sensitivity
 _TINY = 1e-12
+_FEATURE_CACHE_BYTES = 512 * 2**20  # the original model's features kept for recovery, at most
 
 
 @dataclass
@@ -114,8 +116,9 @@ class Config:
     rank_multiple: int = tunable(8, (1, 8, 16, 64), "ranks are multiples of this")
     damping: float = tunable(0.01, (1e-3, 1e-2, 1e-1), "covariance damping, × mean eigenvalue")
     recover: int = tunable(0, (0, 50, 200, 1000), "distillation steps after factorising; 0 = off")
-    recover_lr: float = tunable(1e-3, (3e-4, 1e-3, 3e-3, 1e-2),
-                                "Adam learning rate of the recovery, relative to each factor's RMS")
+    recover_lr: float = tunable(0.3, (0.1, 0.3, 1.0),
+                                "Adam step of the recovery, × each factor's RMS × the initial relative "
+                                "feature error (cosine-decayed)")
     recover_perturbation: float = tunable(0.1, (0.0, 0.1, 1.0),
                                           "weight of ‖B·A − W‖²/‖W‖² in the recovery loss")
     budget_margin: float = tunable(0.1, (0.0, 0.1, 0.25), "fraction of the budget share kept spare")
@@ -629,20 +632,26 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
     norms = [float(w.pow(2).sum()) for w in originals]
     factors = [t for _l, _o, a, b in done for t in (a, b)]
 
-    targets: list[dict[int, torch.Tensor]] = []
-    for sample in samples:
+    def teacher_features(sample_index: int) -> dict[int, torch.Tensor]:
         found: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            _run_tapped(teacher.module, sample, teacher_watch,
+            _run_tapped(teacher.module, samples[sample_index], teacher_watch,
                         lambda i, _x, y: found.__setitem__(i, y.detach()))
-        targets.append(found)
+        return found
+
+    # the original's features are kept when they fit in _FEATURE_CACHE_BYTES, else recomputed
+    first = teacher_features(0)
+    size = sum(t.numel() * t.element_size() for t in first.values()) * len(samples)
+    cache = [first] + [teacher_features(i) for i in range(1, len(samples))] \
+        if size <= _FEATURE_CACHE_BYTES else None
 
     def feature_loss(sample_index: int) -> torch.Tensor:
+        targets = cache[sample_index] if cache is not None else teacher_features(sample_index)
         found: dict[int, torch.Tensor] = {}
         _run_tapped(student.module, samples[sample_index], student_watch,
                     lambda i, _x, y: found.__setitem__(i, y))
         terms = [(found[i].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=_TINY)
-                 for i, t in targets[sample_index].items()]
+                 for i, t in targets.items()]
         return torch.stack(terms).mean()
 
     def mean_feature_loss() -> float:
@@ -653,9 +662,13 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
     saved = [t.detach().clone() for t in factors]
     for tensor in factors:
         tensor.requires_grad_(True)
-    # Adam moves every element by about lr per step: scale it to each factor's own size
-    optimizer = torch.optim.Adam([{"params": [t], "lr": config.recover_lr * float(t.detach().pow(2).mean().sqrt())}
+    # Adam moves every element by about lr per step: scale it to each factor's own size and to
+    # how far the factors are from their optimum (the relative feature error), then decay it
+    scale = config.recover_lr * math.sqrt(before)
+    optimizer = torch.optim.Adam([{"params": [t], "lr": scale * float(t.detach().pow(2).mean().sqrt())}
                                   for t in factors])
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.recover))))
     try:
         with torch.enable_grad():
             for step in range(config.recover):
@@ -667,6 +680,7 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
                     loss = loss + config.recover_perturbation * drift.mean()
                 loss.backward()
                 optimizer.step()
+                schedule.step()
     finally:
         for tensor in factors:
             tensor.requires_grad_(False)

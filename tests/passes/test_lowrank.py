@@ -205,7 +205,7 @@ def test_recovery_reduces_feature_mse():
     model, inputs = Stack(), _correlated_inputs(4)
     graph, samples, references = _prepared(model, inputs)
     config = lowrank.Config(rank="param_reduction", allocation="uniform", method="svd", param_reduction=0.6,
-                            recover=30, recover_lr=3e-3)
+                            recover=30)
     result = lowrank.run(graph.copy(), config, _context(samples, references))
     stats = result.stats
     assert stats["recover_reverted"] == 0
