@@ -18,6 +18,7 @@ from slimline.passes import fft_conv
 from slimline.passes import lowrank
 from slimline.passes import monarch
 from slimline.passes import quantize
+from slimline.passes import fuse_qkv
 from slimline.passes.base import LayerDecision, PassContext, PassSpec, pass_spec
 from slimline.report import PassRecord, Report
 from slimline.verify import Verification
@@ -27,6 +28,7 @@ __all__ = ["PIPELINE", "CLEANUPS", "MODES", "select_passes", "run_pipeline", "Pi
 PIPELINE: list[PassSpec] = [
     pass_spec(canonicalize_linear),  # one form for dense layers: aten.linear(x, W, b)
     pass_spec(fuse_attention),       # hand-written softmax(Q·Kᵀ·scale + mask)·V -> one SDPA call
+    pass_spec(fuse_qkv),             # Q, K, V projections of one attention site -> one linear + split
     pass_spec(fuse_norm),            # hand-written RMSNorm / LayerNorm chains -> one norm op
     pass_spec(fft_conv),             # long depthwise/grouped conv1d -> rfft · filter spectrum -> irfft
     pass_spec(lowrank),              # dense W -> two thinner linears B·A, ranks inside the budget
