@@ -198,12 +198,12 @@ def run_variant(model, prompt: torch.Tensor, steps: int, kv_prune, device: torch
 
 @torch.no_grad()
 def attention_per_token(n_layer: int, n_head: int, n_kv_head: int, head_size: int, slots: int, dtype,
-                        device: torch.device, reps: int) -> dict:
+                        device: torch.device, reps: int, batch: int = 1) -> dict:
     """Decode attention of every layer for one token over ``slots`` cached keys, as the loop runs it."""
     generator = torch.Generator(device=device).manual_seed(2)
-    keys = torch.randn(n_layer, 1, n_kv_head, slots, head_size, device=device, dtype=dtype, generator=generator)
+    keys = torch.randn(n_layer, batch, n_kv_head, slots, head_size, device=device, dtype=dtype, generator=generator)
     values = torch.randn_like(keys)
-    query = torch.randn(1, n_head, 1, head_size, device=device, dtype=dtype, generator=generator)
+    query = torch.randn(batch, n_head, 1, head_size, device=device, dtype=dtype, generator=generator)
     scale = head_size ** -0.5
 
     def torch_form():
@@ -221,7 +221,7 @@ def attention_per_token(n_layer: int, n_head: int, n_kv_head: int, head_size: in
             F.scaled_dot_product_attention(query, keys[layer], values[layer], scale=scale,
                                            enable_gqa=n_head != n_kv_head)
 
-    result = {"slots": slots, "kv_bytes_read": keys.numel() * keys.element_size() * 2}
+    result = {"slots": slots, "batch": batch, "kv_bytes_read": keys.numel() * keys.element_size() * 2}
     kernels = [("torch", torch_form), ("sdpa", fused)]
     if device.type == "cuda" or interpreting():
         kernels.insert(1, ("triton", triton_form))
@@ -269,16 +269,20 @@ def policy_cost(session: DecodeSession, device: torch.device, reps: int) -> dict
 
 def table(results: dict) -> str:
     lines = []
-    attention = results.get("attention_per_token", {})
-    if "full" in attention and "pruned" in attention:
+    for key, batch in (("attention_per_token", 1), ("attention_per_token_wide_batch", None)):
+        attention = results.get(key, {})
+        if "full" not in attention or "pruned" not in attention:
+            continue
         full, pruned = attention["full"], attention["pruned"]
-        lines.append(f"attention per token (all layers, batch 1), ms     full       50%    ratio   "
-                     f"(loop runs: {attention.get('loop_kernel')})")
+        batch = full.get("batch", batch)
+        loop = f"(loop runs: {attention['loop_kernel']})" if "loop_kernel" in attention else "(information)"
+        lines.append(f"attention per token, all layers, batch {batch}, ms    full       50%    ratio   {loop}")
         for kind, label in (("torch", "torch matmul-softmax-matmul"), ("triton", "triton split-K + logits"),
                             ("sdpa", "fused SDPA, no logits (reference)")):
             if "median" in full.get(kind, {}) and "median" in pruned.get(kind, {}):
                 lines.append(f"  {label:<36} {full[kind]['median']:9.4f} {pruned[kind]['median']:9.4f} "
-                             f"{attention.get('ratio_' + kind, float('nan')):7.2f}x")
+                             f"{attention.get('ratio_' + kind, float('nan')):7.2f}x   "
+                             f"({full[kind].get('effective_TBps') or 0:.2f} / {pruned[kind].get('effective_TBps') or 0:.2f} TB/s)")
         lines += [f"  {'slots':<36} {full['slots']:9d} {pruned['slots']:9d}", ""]
     variants = results.get("variants", {})
     if variants:
@@ -311,6 +315,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--variants", default="full,keyformer,h2o,streaming")
+    parser.add_argument("--wide-batch", type=int, default=8, help="also time attention at this batch (0: skip)")
     parser.add_argument("--smoke", action="store_true", help="a tiny Llama: check the script end to end")
     args = parser.parse_args()
     args.context = args.context or (256 if args.smoke else 8192)
@@ -433,6 +438,21 @@ def main() -> int:
         RESULTS["errors"].append(f"attention per token: {type(error).__name__}: {error}"[:500])
         print(traceback.format_exc(), file=sys.stderr)
     save(args.out)
+
+    if args.wide_batch > 1:
+        try:  # information: at a larger batch attention is a larger share of bandwidth, overheads smaller
+            wide = {"full": attention_per_token(n_layer, n_head, n_kv_head, head_size, args.context, dtype,
+                                                device, args.reps, args.wide_batch),
+                    "pruned": attention_per_token(n_layer, n_head, n_kv_head, head_size, pruned_slots, dtype,
+                                                  device, args.reps, args.wide_batch)}
+            for kind in ("torch", "triton", "sdpa"):
+                if "median" in wide["full"].get(kind, {}) and "median" in wide["pruned"].get(kind, {}):
+                    wide[f"ratio_{kind}"] = wide["full"][kind]["median"] / wide["pruned"][kind]["median"]
+            RESULTS["attention_per_token_wide_batch"] = wide
+        except Exception as error:  # noqa: BLE001
+            RESULTS["errors"].append(f"attention per token, batch {args.wide_batch}: {type(error).__name__}: "
+                                     f"{error}"[:500])
+        save(args.out)
 
     keyformer = RESULTS["variants"].get("keyformer", {})
     if "kv_cache_bytes" in keyformer:
