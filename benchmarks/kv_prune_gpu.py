@@ -359,6 +359,29 @@ def main() -> int:
         RESULTS["checks"]["prefill logits vs transformers forward"] = {"passed": False, "error": repr(error)[:300]}
     save(args.out)
 
+    try:  # self-check: slimline.generate on this device, the reference GPT, greedy and sampled
+        from slimline.generate import generate
+        from slimline.models.quality import trained_model
+
+        tiny_cpu = trained_model("gpt-tiny")
+        tiny = trained_model("gpt-tiny").to(device)
+        text = torch.tensor([list(b"import os\nimport sys\n\ndef main(argv):\n    ")] * 2)
+        on_device = generate(tiny, text.to(device), 48).cpu()
+        sampled = [generate(tiny, text.to(device), 48, greedy=False, temperature=0.8, top_k=20,
+                            generator=torch.Generator(device=device).manual_seed(7)).cpu() for _ in range(2)]
+        pruned, stats = generate(tiny, text.to(device), 48, kv_prune=0.5, return_stats=True)
+        RESULTS["checks"]["slimline.generate on this device (gpt-tiny)"] = {
+            "passed": bool(torch.equal(on_device, generate(tiny_cpu, text, 48))
+                           and torch.equal(sampled[0], sampled[1]) and pruned.shape == on_device.shape),
+            "greedy_equals_cpu": bool(torch.equal(on_device, generate(tiny_cpu, text, 48))),
+            "sampled_reproducible": bool(torch.equal(sampled[0], sampled[1])),
+            "pruned_kv_ratio": stats["kv_cache_bytes"] / stats["full_kv_cache_bytes"]}
+        del tiny, tiny_cpu
+    except Exception as error:  # noqa: BLE001
+        RESULTS["checks"]["slimline.generate on this device (gpt-tiny)"] = {
+            "passed": False, "error": f"{type(error).__name__}: {error}"[:300]}
+    save(args.out)
+
     prompt_length = args.context - args.new_tokens
     prompt = torch.randint(0, config.vocab_size, (1, prompt_length), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
