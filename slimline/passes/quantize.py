@@ -31,8 +31,9 @@ It is each layer's ``error`` (as the relative RMS output error) in the report.
 Budget: the rewrite must keep the model's outputs inside this pass's share of the accuracy
 budget (``context.budget_share``; the budget is ``context.extra["budget"]``, else the mode's
 default). All eligible layers are tried first; when the outputs on the calibration inputs miss
-the budget's cosine, the most sensitive layers are kept dense, as few as a bisection over the
-sensitivity order finds necessary.
+the budget's cosine (or a task metric's loss, when the Budget names one with data), the most
+sensitive layers are kept dense, as few as a bisection over the sensitivity order finds
+necessary.
 """
 
 from __future__ import annotations
@@ -346,29 +347,74 @@ class Fit:
     cosine_all: float | None  # output cosine with every eligible layer quantized
     cosine_chosen: float | None
     target: float
+    task_loss: float | None = None  # relative task-metric loss of the chosen rewrite
 
 
-def _min_cosine(graph: Graph, samples: list, references: list, target: float) -> tuple[bool, float]:
+@dataclass
+class Goal:
+    """What a candidate must keep: the output cosine, and a task metric's loss when the budget
+    names one with data (``Budget("bits_per_byte", 0.005, inputs=...)``)."""
+
+    min_cosine: float
+    task: Any = None  # callable(runner) -> float, oriented so that lower is better
+    task_baseline: float | None = None
+    max_task_loss: float | None = None
+
+    def task_loss(self, graph: Graph) -> float | None:
+        if self.task is None:
+            return None
+        return (self.task(_runner(graph)) - self.task_baseline) / abs(self.task_baseline)
+
+
+def _runner(graph: Graph) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return graph.module(*args, **kwargs)
+    return run
+
+
+def goal_of(context: PassContext, graph: Graph) -> Goal:
+    """The budget share this pass may spend, from ``context.extra["budget"]`` or the mode preset."""
+    from slimline.budget import METRICS
+
+    budget = budget_of(context)
+    share = context.budget_share if context.budget_share is not None else 1.0
+    goal = Goal(budget.min_cosine(share))
+    if not budget.is_output_metric and budget.inputs is not None:
+        function, higher = (budget.metric, bool(budget.higher_is_better)) if callable(budget.metric) \
+            else METRICS[budget.metric]
+        sign = -1.0 if higher else 1.0
+        goal.task = lambda runner: sign * float(function(runner, budget.inputs))  # noqa: E731
+        goal.task_baseline = goal.task(_runner(graph))
+        goal.max_task_loss = budget.max_loss * share
+    return goal
+
+
+def _holds(graph: Graph, samples: list, references: list, goal: Goal) -> tuple[bool, float, float | None]:
     passed, lowest = True, 1.0
     for (args, kwargs), reference in zip(samples, references):
-        result = compare_outputs(reference, graph.run(args, kwargs), exact=False, min_cosine=target)
+        result = compare_outputs(reference, graph.run(args, kwargs), exact=False,
+                                 min_cosine=goal.min_cosine)
         passed &= result.passed
         lowest = min(lowest, result.min_cosine)
-    return passed, lowest
+    loss = goal.task_loss(graph)
+    if loss is not None and loss > goal.max_task_loss:
+        passed = False
+    return passed, lowest, loss
 
 
 def fit_budget(graph: Graph, plans: list[LayerPlan], activations: str, samples: list,
-               references: list, target: float) -> Fit:
-    """Quantize as many layers as keep the output cosine >= ``target``, skipping the most
-    sensitive first (lowest SQNR); the count to skip is bisected (one run per probe)."""
+               references: list, goal: Goal) -> Fit:
+    """Quantize as many layers as keep ``goal``, skipping the most sensitive first (lowest
+    SQNR); the count to skip is bisected (one run of the calibration samples per probe)."""
     order = sorted(plans, key=lambda plan: plan.sqnr_db)  # most sensitive first
-    results: dict[int, tuple[bool, float]] = {}
+    results: dict[int, tuple[bool, float, float | None]] = {}
 
     def probe(skip: int) -> bool:
         if skip not in results:
             candidate = graph.copy()
             _apply(candidate, order[skip:], activations)
-            results[skip] = _min_cosine(candidate, samples, references, target)
+            results[skip] = _holds(candidate, samples, references, goal)
         return results[skip][0]
 
     if probe(0):
@@ -383,8 +429,9 @@ def fit_budget(graph: Graph, plans: list[LayerPlan], activations: str, samples: 
                 low = middle
         skip = high
     chosen = order[skip:]
-    return Fit(chosen, order[:skip], len(results), results[0][1],
-               results[skip][1] if skip in results else None, target)
+    final = results.get(skip)
+    return Fit(chosen, order[:skip], len(results), results[0][1], final[1] if final else None,
+               goal.min_cosine, final[2] if final else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,15 +467,19 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
     references = context.reference_outputs
     if references is None or len(references) < len(samples):
         references = [graph.run(args, kwargs) for args, kwargs in samples]
-    target = budget_of(context).min_cosine(context.budget_share if context.budget_share is not None else 1.0)
+    goal = goal_of(context, graph)
+    target = goal.min_cosine
     if config.fit_budget:
-        fit = fit_budget(graph, plans, resolved.activations, samples, references, target)
+        fit = fit_budget(graph, plans, resolved.activations, samples, references, goal)
     else:
         fit = Fit(plans, [], 0, None, None, target)
     stats["budget_evaluations"] = fit.evaluations
     if fit.cosine_all is not None:
         stats["cosine_all_quantized"] = fit.cosine_all
     stats["target_cosine"] = target
+    if fit.task_loss is not None:
+        stats["task_loss"] = fit.task_loss
+        stats["max_task_loss"] = goal.max_task_loss
 
     chosen = {plan.name for plan in fit.chosen}
     for rank, plan in enumerate(sorted(plans, key=lambda p: p.sqnr_db)):
@@ -447,8 +498,9 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
                 plan.path, "linear", "kept", NAME, plan.params, plan.params, error=error,
                 why_not=f"budget: among the {len(fit.skipped)} most sensitive layers (rank "
                         f"{rank + 1}, SQNR {plan.sqnr_db:.1f} dB); quantizing all "
-                        f"{len(plans)} gives output cosine {fit.cosine_all:.5f} < "
-                        f"{fit.target:.5f}"))
+                        f"{len(plans)} misses the budget share (output cosine "
+                        f"{fit.cosine_all:.5f}, needs {fit.target:.5f}"
+                        f"{', and the task metric' if goal.task is not None else ''})"))
     finite = [plan.sqnr_db for plan in plans if math.isfinite(plan.sqnr_db)]
     if finite:
         stats["min_sqnr_db"] = min(finite)

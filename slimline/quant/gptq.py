@@ -67,7 +67,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
 
-    static = act_order or scheme.group_size is None
+    static = act_order or group == padded  # one group per row: its scale is known up front
     scales = torch.ones(out_features, padded // group)
     zeros = torch.zeros(out_features, padded // group)
     if static:

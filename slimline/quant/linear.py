@@ -32,8 +32,8 @@ ACTIVATIONS = ("none", "dynamic_int8")
 
 def fake_quantize_dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to ONNX ``DynamicQuantizeLinear``'s per-tensor uint8 grid, back in float."""
-    low = x.amin().clamp(max=0)
-    high = x.amax().clamp(min=0)
+    low = x.min().clamp(max=0)  # full reductions: the exporter has no amin over all dims
+    high = x.max().clamp(min=0)
     scale = (high - low) / 255
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-low / scale).clamp(0, 255)

@@ -61,8 +61,11 @@ class QuantScheme:
         return 1 << (self.bits - 1)
 
     def group(self, in_features: int) -> int:
-        """The group length for a layer with ``in_features`` inputs."""
-        return in_features if self.group_size is None else self.group_size
+        """The group length for a layer with ``in_features`` inputs (a layer narrower than a
+        group has one group per row, not a padded one)."""
+        if self.group_size is None or in_features <= self.group_size:
+            return in_features
+        return self.group_size
 
     def padded(self, in_features: int) -> int:
         group = self.group(in_features)
