@@ -24,7 +24,9 @@ paper's square case n = m², b = m is T = 1 with square blocks. Parameters:
 
 ``slab_rank=None`` picks T = max(1, min(P, S) // b): a block's intermediate is as wide as its
 narrower side, Q = min(P, S), as in Dao et al.'s ``MonarchLinear`` — for a square layer that is
-``2·N²/b`` parameters, half the dense layer's at b = 4.
+``2·N²/b`` parameters, half the dense layer's at b = 4 (for a 1:4 MLP layer, 31 %).
+``param_fraction`` instead picks the largest T whose factors hold at most that fraction of the
+dense weights (0.5 gives a 1:4 layer half its weights too).
 
 **Shapes b does not divide.** :func:`monarch_shape` either keeps b and pads (``uneven="pad"``:
 W is zero-padded to (b·⌈N/b⌉, b·⌈K/b⌉); the padded inputs are zeros and the padded outputs are
@@ -96,7 +98,7 @@ def _auto_rank(nblocks: int, block_in: int, block_out: int) -> int:
 
 
 def monarch_shape(in_features: int, out_features: int, nblocks: int, slab_rank: int | None = None,
-                  uneven: str = "divisor") -> MonarchShape:
+                  uneven: str = "divisor", param_fraction: float | None = None) -> MonarchShape:
     """The cut of a (out_features, in_features) weight into ``nblocks`` blocks (see module doc)."""
     if nblocks < 1 or in_features < 1 or out_features < 1:
         raise ConfigError(f"Monarch needs nblocks ≥ 1 and positive sizes, got nblocks={nblocks}, "
@@ -122,7 +124,12 @@ def monarch_shape(in_features: int, out_features: int, nblocks: int, slab_rank: 
         parts = [f"{name} {old}→{new}" for name, old, new in
                  (("in", in_features, padded_in), ("out", out_features, padded_out)) if old != new]
         how = f"b={blocks}, padded {', '.join(parts)}"
-    rank = _auto_rank(blocks, padded_in // blocks, padded_out // blocks) if slab_rank is None else int(slab_rank)
+    if slab_rank is not None:
+        rank = int(slab_rank)
+    elif param_fraction is not None:
+        rank = max(1, int(param_fraction * in_features * out_features // (blocks * (padded_in + padded_out))))
+    else:
+        rank = _auto_rank(blocks, padded_in // blocks, padded_out // blocks)
     if rank < 1:
         raise ConfigError(f"Monarch slab rank must be ≥ 1, got {slab_rank!r}", stage="passes",
                           where="monarch.slab_rank", hint="leave it None for min(P, S) // b")

@@ -31,7 +31,8 @@ the last node ``"out"``, so a backend can find the layer and run the fused Trito
 
 **The gate** (``gate``), per layer, with errors measured the same way for both sides: the
 relative output error ``‖(W − W')·xᵀ‖ / ‖W·xᵀ‖`` on the calibration samples (the layer's input
-covariance), for W' the Monarch projection and for W' the truncated SVD with as many weights.
+covariance, damped by ``damping`` × its mean diagonal so that directions the few calibration rows
+miss still count), for W' the Monarch projection and for W' the truncated SVD with as many weights.
 On trained weights Monarch is often several times worse than SVD at equal parameters; such a
 layer stays dense with the reason ("kept dense: Monarch error 0.41 > SVD error 0.22 at equal
 params (rank 96)"). Then the budget: the layers that pass are taken in order of increasing
@@ -89,7 +90,9 @@ _LOSSY_PASSES = {"lowrank", "quantize", "kv_prune"}   # their layers are theirs:
 class Config:
     nblocks: int = tunable(4, (2, 4, 8, 16), "blocks b of each block-diagonal factor")
     slab_rank: int | None = tunable(None, (None, 1, 2, 4, 8, 16),
-                                    "rank T of each (l, k) slab; None: min(P, S) // b")
+                                    "rank T of each (l, k) slab; None: from param_fraction, else min(P, S) // b")
+    param_fraction: float | None = tunable(None, (None, 0.25, 0.5),
+                                           "weights kept, as a fraction of the dense layer's (sets T)")
     uneven: str = tunable("divisor", UNEVEN_POLICIES,
                           "when b does not divide both sizes: the nearest divisor, or zero padding")
     gate: str = tunable("svd+budget", GATES,
@@ -97,6 +100,9 @@ class Config:
     max_error_ratio: float = tunable(1.0, (0.8, 1.0, 1.25, 1.5, 2.0),
                                      "convert only when Monarch error ≤ this × SVD error at equal params")
     budget_margin: float = tunable(0.1, (0.0, 0.1, 0.25), "fraction of the budget share kept spare")
+    damping: float = tunable(0.01, (0.0, 0.01, 0.1),
+                             "input covariance damping, × its mean diagonal: errors stay defined "
+                             "on directions few calibration rows reach")
     min_params: int = tunable(4096, (0, 4096, 65536), "layers with fewer weights stay dense")
     include: tuple = tunable((), None, "module-path patterns (fnmatch) to consider; empty: all")
     exclude: tuple = tunable((), None, "module-path patterns (fnmatch) to keep dense")
@@ -187,7 +193,8 @@ def _check(graph: Graph, node: fx.Node, config: Config, readers: dict) -> _Layer
     if weight.numel() < config.min_params:
         return Reason(f"too small: {weight.numel()} weights < min_params {config.min_params}")
     out_features, in_features = weight.shape
-    shape = monarch_shape(in_features, out_features, config.nblocks, config.slab_rank, config.uneven)
+    shape = monarch_shape(in_features, out_features, config.nblocks, config.slab_rank, config.uneven,
+                          config.param_fraction)
     if shape.nblocks < 2:
         return Reason(f"no block count ≥ 2 fits in {in_features} and out {out_features}")
     if shape.params >= shape.dense_params:
@@ -222,8 +229,8 @@ def _run_tapped(module: fx.GraphModule, sample: tuple, watched: dict, sink: Call
     return _Tap(module, watched, sink).run(*flat, enable_io_processing=False)
 
 
-def _covariances(graph: Graph, layers: list[_Layer], samples: list) -> list[torch.Tensor]:
-    """E[xᵀx] (K×K, float64) of every layer's input over all calibration rows."""
+def _covariances(graph: Graph, layers: list[_Layer], samples: list, damping: float) -> list[torch.Tensor]:
+    """E[xᵀx] (K×K, float64) of every layer's input over all calibration rows, damped."""
     sums = [torch.zeros(l.shape.in_features, l.shape.in_features, dtype=torch.float64) for l in layers]
     rows = [0] * len(layers)
     watched = {layer.node: index for index, layer in enumerate(layers)}
@@ -236,7 +243,10 @@ def _covariances(graph: Graph, layers: list[_Layer], samples: list) -> list[torc
     with torch.no_grad():
         for sample in samples:
             _run_tapped(graph.module, sample, watched, sink)
-    return [total / max(1, count) for total, count in zip(sums, rows)]
+    covariances = [total / max(1, count) for total, count in zip(sums, rows)]
+    for covariance in covariances:
+        covariance.diagonal().add_(damping * float(covariance.diagonal().mean()))
+    return covariances
 
 
 def _fit(layers: list[_Layer], covariances: list[torch.Tensor]) -> None:
@@ -586,6 +596,17 @@ def _decision(layer: _Layer) -> MonarchDecision:
                            layer.flops[1], _rounded(layer.error), None, **common)
 
 
+_REASON_KEYS = (("tied weight", "kept_tied"), ("too small", "kept_too_small"),
+                ("excluded", "kept_excluded"), ("not matched", "kept_not_included"),
+                ("already rewritten", "kept_already_rewritten"), ("saves nothing", "kept_saves_nothing"),
+                ("no block count", "kept_no_blocks"))
+
+
+def _reason_key(reason: str) -> str:
+    """A counter name for a refusal (``kept_too_small``…)."""
+    return next((key for prefix, key in _REASON_KEYS if reason.startswith(prefix)), "kept_not_a_weight")
+
+
 def _rounded(value: float) -> float | None:
     return None if not math.isfinite(value) else round(value, 6)
 
@@ -621,7 +642,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
 
     samples, references = _samples(graph, context)
     if layers:
-        _fit(layers, _covariances(graph, layers, samples))
+        _fit(layers, _covariances(graph, layers, samples, config.damping))
         _apply_gate(layers, config)
         if config.gate in ("svd+budget", "budget"):
             _spend_budget(graph, layers, samples, references, context, config, stats)
@@ -647,7 +668,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
         params, flops = _site_params(graph, node), _flops_text([node], graph)
         decisions.append(MonarchDecision(module_path(node), "linear", KEPT, NAME, params, params,
                                          flops, flops, None, str(reason)))
-        key = "kept_" + str(reason).split(":")[0].split(" ")[0].replace("-", "_")
+        key = _reason_key(str(reason))
         stats[key] = stats.get(key, 0) + 1
     stats["kept_by_gate"] = sum(1 for l in layers if not l.convert and "SVD error" in str(l.why_not))
     stats["kept_by_budget"] = sum(1 for l in layers if not l.convert and "budget" in str(l.why_not))

@@ -8,7 +8,10 @@ offers configs that can run, and the benchmark's helpers on the CPU.
 """
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,6 +154,29 @@ def test_search_space_offers_only_configs_that_run(size, nblocks, rows):
             assert tasks <= 132
     variants = {c.variant for c in configs}
     assert variants <= ({"splitk", "phased"} if rows <= 16 else {"stages", "hybrid"})
+
+
+_COMPILE = """
+import json
+from slimline.backends.cuda.monarch_kernel import KernelConfig, compile_for_target
+from slimline.monarch import monarch_shape
+shape = monarch_shape(512, 512, 4)
+configs = [KernelConfig("splitk", 1, 16, 128, 128),
+           KernelConfig("phased", 1, 16, 128, 16, 128, programs=32, prefetch=True)]
+print(json.dumps([compile_for_target(shape, c) for c in configs]))
+"""
+
+
+def test_the_gpu_only_paths_compile_for_sm90():
+    """Atomics, the ticket, the bounded spin, the prefetch: code the interpreter runs but never compiles."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    launches = [launch for config in json.loads(done.stdout.strip().splitlines()[-1]) for launch in config]
+    assert [launch["kernel"] for launch in launches] == ["_splitk_kernel", "_phased_kernel"]
+    assert all(launch["registers"] <= 255 and launch["spill_bytes"] == 0 for launch in launches)
 
 
 def _benchmark_module():

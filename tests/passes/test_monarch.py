@@ -59,6 +59,8 @@ def test_shapes_say_how_they_were_cut():
     assert padded.nblocks == 4 and padded.how == "b=4, padded in 30→32, out 50→52"
     assert monarch_shape(4096, 4096, 4).params * 2 == 4096 * 4096    # b=4: half the weights
     assert monarch_shape(4096, 4096, 16).params * 8 == 4096 * 4096
+    half = monarch_shape(384, 1536, 4, param_fraction=0.5)            # a 1:4 MLP layer at 50 %
+    assert half.slab_rank == 38 and 0.45 < half.params / half.dense_params <= 0.5
     with pytest.raises(ConfigError, match="uneven"):
         monarch_shape(8, 8, 2, uneven="crop")
 
@@ -236,6 +238,7 @@ def test_refusals_say_why():
     assert reasons["tiny"].startswith("too small: 512 weights")
     assert reasons["skip"] == "excluded by Config.exclude"
     assert not result.changed
+    assert (result.stats["kept_tied"], result.stats["kept_too_small"], result.stats["kept_excluded"]) == (1, 1, 1)
     with pytest.raises(SlimlineError, match="unknown monarch gate"):
         monarch.run(graph.copy(), monarch.Config(gate="maybe"), PassContext("cpu", "balanced"))
 

@@ -13,7 +13,7 @@ block l. Repacked group-major,
 a layer is b independent chains ``h_l = blockdiag(x) @ w1[l]ᵀ`` (Q values from the b input
 blocks) then ``y_l = h_l @ w2[l]`` (S outputs), and the permutation is only addressing.
 
-Three kernels, one per regime; each is a straight line of tile functions:
+Four variants, one per regime; each is a straight line of tile functions:
 
 ``splitk`` (decode, M ≤ 16; one launch)
     program (m-tile, l, c) owns BLOCK_T of group l's intermediate values: it reads its BLOCK_T
@@ -29,9 +29,20 @@ Three kernels, one per regime; each is a straight line of tile functions:
     resident at once, so the wait cannot deadlock; the spin is bounded all the same (a result
     past the bound is wrong, and the benchmark's check says so). Under ``TRITON_INTERPRET`` the
     two phases run as two launches (the interpreter runs programs one after the other).
+    ``prefetch`` (at most one phase-2 task per program): the phase-2 weight tile is loaded before
+    phase 1 starts, so all of a program's weight bytes are in flight at once and only ``h``
+    waits on the other programs.
 ``stages`` (prefill, large M; two launches)
     the same two tile functions as ``phased``, as two tensor-core GEMM launches; the intermediate
     goes through memory in the permuted layout, so neither launch moves data to permute it.
+``hybrid`` (prefill; two launches)
+    launch 1 of ``stages`` writes h group-major, (b, M, Q); launch 2 is one cuBLAS ``bmm``
+    writing y through a strided view of the (M, N) output — again no permuting copy.
+
+"The intermediate kept on chip" holds for ``splitk`` (h never leaves registers) and, up to a few
+KB of h through L2, for ``phased``; at large M no tiling keeps a (BLOCK_M, Q) h and a
+(BLOCK_M, S) accumulator on chip without recomputing h, so ``stages``/``hybrid`` pass h through
+memory and rely on tensor-core GEMM speed instead.
 
 Block sizes divide the block dimensions (BLOCK_T | T, BLOCK_P | P, BLOCK_S | S, BLOCK_Q | Q), so
 no weight load is masked. :func:`candidate_configs` gives the lite search space (block sizes,
@@ -42,7 +53,9 @@ Workspaces belong to one :class:`MonarchKernel` and are reused by every call (CU
 calls on one kernel object must not run concurrently on two streams.
 
 Dtypes: bf16 and fp16 on the GPU (tensor cores, fp32 accumulation), fp32 for tests (dot products
-in IEEE fp32). Written for triton ≥ 3.6 (the GPU machine) and tested on 3.9's interpreter.
+in IEEE fp32). Written for triton ≥ 3.6 (the GPU machine) and tested on 3.9's interpreter;
+:func:`compile_for_target` compiles a config for sm_90 without a GPU (with 3.9 here: every config
+of the 4096² search spaces compiles; the prefill GEMMs are software-pipelined onto wgmma).
 """
 
 from __future__ import annotations
@@ -59,7 +72,8 @@ import triton.language as tl
 from slimline.monarch.projection import MonarchShape
 
 __all__ = ["KernelConfig", "MonarchKernel", "VARIANTS", "candidate_configs", "local_search",
-           "check_config", "pack_weights", "relative_error", "interpreting", "SPIN_LIMIT"]
+           "check_config", "compile_for_target", "pack_weights", "relative_error", "interpreting",
+           "SPIN_LIMIT"]
 
 VARIANTS = ("splitk", "phased", "stages", "hybrid")
 SPIN_LIMIT = 1 << 16  # polls of a counter before phased gives up (a wrong result)
@@ -465,12 +479,6 @@ class MonarchKernel:
         return y_MN.reshape(*lead, shape.out_features)
 
     # -- launches ---------------------------------------------------------------------------------
-    def _common(self, x_MK: torch.Tensor, config: KernelConfig) -> dict:
-        s = self.shape
-        return dict(NB=s.nblocks, T=s.slab_rank, BLOCK_M=config.block_m, BLOCK_T=config.block_t,
-                    PRECISION=_precision(x_MK.dtype), num_warps=config.num_warps,
-                    num_stages=config.num_stages)
-
     def _bias(self, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return (self.bias, True) if self.bias is not None else (y, False)
 
@@ -484,8 +492,7 @@ class MonarchKernel:
         grid = (m_tiles, s.nblocks, s.block_hidden // config.block_t)
         _splitk_kernel[grid](x_MK, self.weights["w1_bQP"], self.weights["w2_bQS"], bias, y_MN, acc,
                              count, M, s.in_features, s.out_features, x_MK.stride(0), y_MN.stride(0),
-                             P=s.block_in, S=s.block_out, HAS_BIAS=has_bias, BLOCK_P=config.block_p,
-                             BLOCK_S=config.block_s, **self._common(x_MK, config))
+                             **_constants(_splitk_kernel, s, config, x_MK.dtype, has_bias))
 
     def _phased(self, x_MK: torch.Tensor, y_MN: torch.Tensor, config: KernelConfig) -> None:
         s, M = self.shape, x_MK.shape[0]
@@ -499,14 +506,12 @@ class MonarchKernel:
             programs = max(programs, output_tasks)  # one stage-2 task per program
         args = (x_MK, self.weights["w1_bQP"], self.weights["w2_bSQ"], bias, y_MN, hidden, count,
                 M, s.in_features, s.out_features, x_MK.stride(0), y_MN.stride(0), SPIN_LIMIT)
-        constants = dict(P=s.block_in, S=s.block_out, HAS_BIAS=has_bias, PREFETCH=config.prefetch,
-                         BLOCK_P=config.block_p, BLOCK_S=config.block_s, BLOCK_Q=config.block_q,
-                         **self._common(x_MK, config))
         if interpreting() or x_MK.device.type != "cuda":
             for phase in (1, 2):  # programs run one after another here: no waiting across them
-                _phased_kernel[(programs,)](*args, PHASES=phase, **constants)
+                _phased_kernel[(programs,)](*args, **_constants(_phased_kernel, s, config, x_MK.dtype,
+                                                                has_bias, phases=phase))
         else:
-            _phased_kernel[(programs,)](*args, PHASES=3, **constants)
+            _phased_kernel[(programs,)](*args, **_constants(_phased_kernel, s, config, x_MK.dtype, has_bias))
 
     def _hidden(self, x_MK: torch.Tensor, config: KernelConfig, group_major: bool) -> torch.Tensor:
         """Launch 1: h in x's dtype, (M, b·Q) (``stages``) or (b, M, Q) (``hybrid``, for bmm)."""
@@ -520,8 +525,8 @@ class MonarchKernel:
             strides = (s.nblocks * Q, Q)
         tasks = triton.cdiv(M, config.block_m) * s.nblocks * (Q // config.block_t)
         _stage_hidden_kernel[(tasks,)](x_MK, self.weights["w1_bQP"], hidden, M, s.in_features,
-                                       x_MK.stride(0), *strides, P=s.block_in,
-                                       BLOCK_P=config.block_p, **self._common(x_MK, config))
+                                       x_MK.stride(0), *strides,
+                                       **_constants(_stage_hidden_kernel, s, config, x_MK.dtype, False))
         return hidden
 
     def _stages(self, x_MK: torch.Tensor, y_MN: torch.Tensor, config: KernelConfig) -> None:
@@ -530,9 +535,8 @@ class MonarchKernel:
         bias, has_bias = self._bias(y_MN)
         tasks = triton.cdiv(M, config.block_m) * s.nblocks * (s.block_out // config.block_s)
         _stage_output_kernel[(tasks,)](hidden, self.weights["w2_bSQ"], bias, y_MN, M, s.out_features,
-                                       y_MN.stride(0), S=s.block_out, HAS_BIAS=has_bias,
-                                       BLOCK_S=config.block_s, BLOCK_Q=config.block_q,
-                                       **self._common(x_MK, config))
+                                       y_MN.stride(0),
+                                       **_constants(_stage_output_kernel, s, config, x_MK.dtype, has_bias))
 
     def _hybrid(self, x_MK: torch.Tensor, y_MN: torch.Tensor, config: KernelConfig) -> None:
         """Launch 1 in Triton, launch 2 as one cuBLAS bmm writing y through a strided view."""
@@ -546,6 +550,79 @@ class MonarchKernel:
             y_MN.copy_(y_bMS.transpose(0, 1).reshape(M, s.padded_out)[:, : s.out_features])
         if self.bias is not None:
             y_MN.add_(self.bias)
+
+
+def _constants(kernel, shape: MonarchShape, config: KernelConfig, dtype: torch.dtype, has_bias: bool,
+               phases: int = 3) -> dict:
+    """The compile-time arguments of ``kernel`` for a layer and config (and its warps/stages)."""
+    every = dict(NB=shape.nblocks, P=shape.block_in, S=shape.block_out, T=shape.slab_rank,
+                 HAS_BIAS=has_bias, PHASES=phases, PREFETCH=config.prefetch, BLOCK_M=config.block_m,
+                 BLOCK_T=config.block_t, BLOCK_P=config.block_p, BLOCK_S=config.block_s,
+                 BLOCK_Q=config.block_q, PRECISION=_precision(dtype))
+    chosen = {name: value for name, value in every.items() if name in kernel.arg_names}
+    return dict(chosen, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+_LAUNCHES = {"splitk": ("_splitk_kernel",), "phased": ("_phased_kernel",),
+             "stages": ("_stage_hidden_kernel", "_stage_output_kernel"),
+             "hybrid": ("_stage_hidden_kernel",)}
+_FIXED_POINTERS = {"acc_ptr": "fp32", "count_ptr": "i32"}
+_ALIGNED_INTS = {"K", "N", "stride_xm", "stride_ym", "h_stride_m", "h_stride_l"}
+
+
+def compile_for_target(shape: MonarchShape, config: KernelConfig, dtype: torch.dtype = torch.bfloat16,
+                       rows: int = 1, arch: int = 90, has_bias: bool = False) -> list[dict]:
+    """Compile ``config``'s launches for ``sm_{arch}`` without a GPU; resource use per launch.
+
+    Pointers and the sizes a real launch passes are marked 16-divisible, as Triton's launcher
+    specialises them, so what comes out is what would run (software pipelining included). Needs
+    Triton's NVIDIA backend (its bundled ptxas); not under ``TRITON_INTERPRET``. Returns, per
+    launch: ``registers``, ``spill_bytes`` (stack frame), ``shared_bytes``, ``async_copies`` (the
+    pipelined loads) and ``wgmma`` (Hopper tensor-core ops) counted in the TTGIR.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    results = []
+    for name in _LAUNCHES[config.variant]:
+        kernel = globals()[name]
+        constants = _constants(kernel, shape, config, dtype, has_bias)
+        options = {"num_warps": constants.pop("num_warps"), "num_stages": constants.pop("num_stages")}
+        signature, attrs = {}, {}
+        for index, arg in enumerate(kernel.arg_names):
+            if arg in constants:
+                signature[arg] = "constexpr"
+                continue
+            if arg.endswith("_ptr"):
+                pointee = _FIXED_POINTERS.get(arg, "fp32" if (arg == "h_ptr" and config.variant == "phased")
+                                              else element)
+                signature[arg] = "*" + pointee
+            else:
+                signature[arg] = "i32"
+            if arg.endswith("_ptr") or arg in _ALIGNED_INTS or (arg == "M" and rows % 16 == 0):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, "kernel.cubin")
+            with open(path, "wb") as handle:
+                handle.write(compiled.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
+                                   text=True, check=False).stdout
+        registers, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+        ttgir = compiled.asm["ttgir"]
+        results.append({"kernel": name, "registers": int(registers.group(1)) if registers else None,
+                        "spill_bytes": int(stack.group(1)) if stack else None,
+                        "shared_bytes": compiled.metadata.shared,
+                        "async_copies": ttgir.count("async_copy_global_to_local"),
+                        "wgmma": ttgir.count("warp_group_dot ")})
+    return results
 
 
 def _multiprocessors(device: torch.device) -> int:
