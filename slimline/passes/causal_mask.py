@@ -11,7 +11,8 @@ Shape letters: B batch, H heads, L query length, S key length.
 What is checked, step by step:
 
 1. **The mask is a constant of the graph** (:func:`size_only_program`). Walking back from the
-   mask, no placeholder may be read for its *values*. Sizes are allowed: ``sym_size`` and SymInt
+   mask, no placeholder may be read for its *values*, and no op outside that walk may write
+   into what it computes (export's training IR keeps in-place ops). Sizes are allowed: ``sym_size`` and SymInt
    arithmetic, and tensors read only for their metadata (``new_ones(x, ...)``, ``zeros_like(x)``).
    Weights and buffers (``get_attr``) are constants. Random ops and sizes taken from data
    (unbacked SymInts, from ``.item()``) make the mask not constant. transformers' causal mask
@@ -79,8 +80,14 @@ _SIZES = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
 _METADATA_ARGUMENTS: dict[Any, tuple[int, ...]] = {
     aten.new_ones.default: (0,), aten.new_zeros.default: (0,), aten.new_full.default: (0,),
     aten.new_empty.default: (0,), aten.zeros_like.default: (0,), aten.ones_like.default: (0,),
-    aten.full_like.default: (0,), aten.empty_like.default: (0,),
+    aten.full_like.default: (0,), aten.empty_like.default: (0,), aten.fill.Scalar: (0,),
+    aten.fill.Tensor: (0,),
 }
+# ops whose values are whatever memory held: a mask read from them is not a constant, unless
+# every reader fills them in place first (export's training IR keeps ``empty(...).fill_(v)``)
+_UNINITIALIZED = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
+                  aten.empty_strided.default, aten.new_empty_strided.default}
+_FILLS_IN_PLACE = {aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 
 
 ZERO = "zero"        # keeps every score: the mask can go
@@ -178,6 +185,9 @@ def size_only_program(graph: Graph, outputs: list[fx.Node]) -> SizeOnlyProgram |
             return Reason("computed by an op without recorded shapes")
         if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
             return Reason("random")
+        if node.target in _UNINITIALIZED and \
+                not all(user.target in _FILLS_IN_PLACE for user in node.users):
+            return Reason("reads uninitialized memory")
         computed.add(node)
         shape_only = _METADATA_ARGUMENTS.get(node.target, ())
         for index, argument in enumerate(node.args):
@@ -188,6 +198,8 @@ def size_only_program(graph: Graph, outputs: list[fx.Node]) -> SizeOnlyProgram |
         for argument in node.kwargs.values():
             stack.extend(_nodes_in(argument))
     metadata = [n for n in dict.fromkeys(metadata) if n not in computed]
+    if _mutated_elsewhere(graph, computed):
+        return Reason("mutated in place")
     for node in metadata:
         if not isinstance(node.meta.get("val"), torch.Tensor):
             return Reason("computed by an op without recorded shapes")
@@ -216,6 +228,36 @@ def size_only_program(graph: Graph, outputs: list[fx.Node]) -> SizeOnlyProgram |
     module = fx.GraphModule(graph.module, program)
     kinds = [_kind(n.meta["val"]) for n in sizes]
     return SizeOnlyProgram(module, size_leaves, kinds, like_leaves, computed_shapes, symbols)
+
+
+def _mutated_elsewhere(graph: Graph, computed: set[fx.Node]) -> bool:
+    """Does an op outside the program write into a tensor the program computes (or a view of
+    one)? Export's training IR keeps in-place ops; the program copies only the mask's
+    ancestors, so such a write would be missed. In-place ops among the ancestors run in order."""
+    aliases, stack = set(computed), list(computed)
+    while stack:                        # views of computed tensors share their memory
+        for user in stack.pop().users:
+            if user not in aliases and _returns_alias(user):
+                aliases.add(user)
+                stack.append(user)
+    for node in graph.fx.nodes:
+        if node.op != "call_function" or node in computed:
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            continue
+        for index, argument in enumerate(schema.arguments):
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+            if written and any(n in aliases for n in _nodes_in(value)):
+                return True
+    return False
+
+
+def _returns_alias(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and \
+        any(r.alias_info is not None for r in schema.returns)
 
 
 def _nodes_in(argument: Any) -> list[fx.Node]:
@@ -343,6 +385,8 @@ def classify_mask(graph: Graph, mask_nodes: list[fx.Node],
     symbols = program.symbols.union(*(e.free_symbols for e in shape))
     if symbols and shape_env is None:
         return Reason("sizes without a shape environment")
+    if any(symbol not in _captured_sizes(shape_env) for symbol in symbols):
+        return Reason("depends on data")     # the scores' shape comes from a tensor's values
     points, exhaustive = size_points(shape_env, symbols, program.elements, max_points) \
         if symbols else ([{}], True)
     kinds = {ZERO, CAUSAL} if square else {ZERO}

@@ -910,8 +910,8 @@ class _ConstantMasks:
         key = (tuple((id(n), t.fill, t.factor, t.negate, t.fill_where_negated)
                      for n, t in zip(nodes, match.terms)), _shape_key(scores.shape), scores.dtype)
         if key not in self.verdicts:
-            self.verdicts[key] = classify_mask(self.graph, nodes, _additive(match.terms, scores.dtype),
-                                               tuple(scores.shape), self.config.mask_check_sizes)
+            self.verdicts[key] = _classify(self.graph, nodes, _additive(match.terms, scores.dtype),
+                                           tuple(scores.shape), self.config.mask_check_sizes)
         return self.verdicts[key]
 
     def sdpa(self, node: fx.Node) -> ConstantMask | Reason | None:
@@ -929,9 +929,17 @@ class _ConstantMasks:
         scores_shape = (*query.shape[:-1], key.shape[-2])
         cache_key = (id(mask), _shape_key(scores_shape), "sdpa")
         if cache_key not in self.verdicts:
-            self.verdicts[cache_key] = classify_mask(self.graph, [mask], lambda values: values[0],
-                                                     scores_shape, self.config.mask_check_sizes)
+            self.verdicts[cache_key] = _classify(self.graph, [mask], lambda values: values[0],
+                                                 scores_shape, self.config.mask_check_sizes)
         return self.verdicts[cache_key]
+
+
+def _classify(graph: Graph, *args: Any) -> ConstantMask | Reason:
+    """:func:`classify_mask`; should it fail, the mask stays and the site still fuses."""
+    try:
+        return classify_mask(graph, *args)
+    except Exception as error:  # noqa: BLE001 - a check that breaks keeps the mask, not the pass
+        return Reason(f"check failed ({type(error).__name__})")
 
 
 def _shape_key(shape: Any) -> tuple:

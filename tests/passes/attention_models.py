@@ -201,6 +201,27 @@ class ModerateCausal(_Projections):
         return merge(torch.softmax(q @ k.transpose(-2, -1) * E ** -0.5 + mask, dim=-1) @ v)
 
 
+class EmptyFilled(_Projections):
+    """torch.empty(L, S).fill_(0): export keeps the in-place fill; a zero mask, which goes."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        mask = torch.empty(L, L).fill_(0.0)
+        return merge(torch.softmax(q @ k.transpose(-2, -1) * E ** -0.5 + mask, dim=-1) @ v)
+
+
+class WrittenAfterView(_Projections):
+    """a causal mask written in place into a tensor after the view the scores read was taken:
+    the write is no ancestor of the mask's node; the check finds it anyway and keeps the mask."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        base = torch.zeros(L, L)
+        mask = base.view(L, L)
+        base.masked_fill_(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        return merge(torch.softmax(q @ k.transpose(-2, -1) * E ** -0.5 + mask, dim=-1) @ v)
+
+
 # -- near-misses: look like attention, must not be fused ------------------------------------
 
 

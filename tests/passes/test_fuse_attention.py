@@ -159,6 +159,8 @@ CONSTANT_MASKS = [
     (forms.CausalFill, "causal_from_mask"),
     (forms.CausalBoolSdpa, "causal_from_mask"),
     (forms.ZeroMask, "zero_mask_dropped"),
+    (forms.EmptyFilled, "zero_mask_dropped"),
+    (forms.WrittenAfterView, "mask kept: mutated in place"),
     (forms.SlidingWindow, "mask kept: not causal"),
     (forms.ShiftedCausal, "mask kept: not causal"),
     (forms.ModerateCausal, "mask kept: not causal"),
