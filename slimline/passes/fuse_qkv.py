@@ -25,9 +25,9 @@ read the encoder output; Q reads the decoder). GPT-2 already computes Q, K, V wi
 and has nothing to fuse.
 
 The split's outputs are strided views of ``qkv``: a ``view`` of one of them that merges its last
-dimension with another would fail, so ``view`` / ``_unsafe_view`` users of the outputs become
-``reshape`` (the same values; a view where the strides allow, as for the head split
-``(N, D) -> (N, H, E)`` every model here does).
+dimension with another would fail on those strides (checked on FakeTensors), so such a ``view`` /
+``_unsafe_view`` becomes ``reshape`` (the same values, as a copy). Views that still fit, as the
+head split ``(N, D) -> (N, H, E)`` of every model here, stay views.
 
 Stats: ``fused_qkv`` / ``fused_kv`` / ``fused_qk`` ... by the operands the fused group feeds;
 ``refused: <reason>`` per group left alone. One :class:`LayerDecision` per fused group, named by
@@ -158,8 +158,11 @@ class _Emit:
         node.meta["val"] = self._fake(target, args)
         return stamp(node, NAME, self.source)
 
-    def _fake(self, target: Callable, args: tuple) -> Any:
+    def _fake(self, target: Callable, args: tuple, *, strict: bool = False) -> Any:
+        """The op's FakeTensor result; None when it fails (``strict``: raise instead)."""
         if self.fake_mode is None:
+            if strict:
+                raise RuntimeError("no fake mode to check the op with")
             return None
 
         def value(argument: Any) -> Any:
@@ -176,7 +179,17 @@ class _Emit:
             with self.fake_mode:
                 return target(*value(args))
         except Exception:  # noqa: BLE001 - metadata is best effort; the graph itself stays correct
+            if strict:
+                raise
             return None
+
+    def view_fails(self, view: fx.Node) -> bool:
+        """Would ``view`` (a view op reading a new split output) fail on its strides?"""
+        try:
+            self._fake(view.target, view.args, strict=True)
+        except Exception:  # noqa: BLE001 - any failure (or no way to check) means: reshape
+            return True
+        return False
 
 
 def _replace(graph: Graph, linears: list[fx.Node]) -> tuple[str, int]:
@@ -206,8 +219,8 @@ def _replace(graph: Graph, linears: list[fx.Node]) -> tuple[str, int]:
     parts = [emit(operator.getitem, split, index) for index in range(len(linears))]
     for linear, part in zip(linears, parts):
         linear.replace_all_uses_with(part)
-        for user in list(part.users):
-            if user.target in _STRICT_VIEWS:     # a strided slice: reshape views where it can
+        for user in list(part.users):     # a strided slice: a view that no longer fits its
+            if user.target in _STRICT_VIEWS and emit.view_fails(user):  # strides becomes reshape
                 user.target = aten.reshape.default
         graph.fx.erase_node(linear)
     return source, weight.numel() + (graph.attribute(bias_node).numel() if bias_node is not None else 0)

@@ -75,6 +75,32 @@ def test_three_projections_before_and_expected():
     assert decision.decision == "3 projections → one linear"
     assert decision.params_before == decision.params_after == 3 * (forms.C * forms.C + forms.C)
     assert len(_calls(result.graph, SDPA)) == 1
+    assert len(_calls(result.graph, aten.view.default)) == len(_calls(graph, aten.view.default)), \
+        "the head splits still fit the split's strides: they stay views"
+    assert _relative_error(model(*inputs), result.graph.run(inputs, {})) <= FP32_RTOL
+
+
+class _FlatQuery(forms._Projections):
+    """the query viewed flat first, (B, L, C) -> (B, L·C): on a column slice of the fused
+    output no view can merge those dimensions."""
+
+    def forward(self, x):
+        _, k, v = self.heads(x)
+        q = self.query(x).view(forms.B, forms.L * forms.C)
+        q = q.view(forms.B, forms.L, forms.H, forms.E).transpose(1, 2)
+        return forms.merge(nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_a_view_that_no_longer_fits_becomes_reshape():
+    model = _FlatQuery().eval()
+    inputs = forms.example_inputs(model)
+    graph = _prepared(model, inputs)
+    result = _run_pass(graph)
+    assert result.stats == {"fused_qkv": 1}
+    (flat,) = [n for n in _calls(result.graph, aten.reshape.default)
+               if list(n.args[1]) == [forms.B, forms.L * forms.C]]
+    assert flat.args[0].target.__name__ == "getitem"
+    assert len(_calls(result.graph, aten.view.default)) == len(_calls(graph, aten.view.default)) - 1
     assert _relative_error(model(*inputs), result.graph.run(inputs, {})) <= FP32_RTOL
 
 
