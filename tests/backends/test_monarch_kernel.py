@@ -22,7 +22,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from slimline.backends.cuda.monarch_kernel import (KernelConfig, MonarchKernel, candidate_configs,  # noqa: E402
-                                                   check_config, pack_weights, relative_error)
+                                                   check_config, local_search, pack_weights,
+                                                   relative_error)
 from slimline.monarch import monarch_forward, monarch_shape, random_factors  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -154,6 +155,22 @@ def test_search_space_offers_only_configs_that_run(size, nblocks, rows):
             assert tasks <= 132
     variants = {c.variant for c in configs}
     assert variants <= ({"splitk", "phased"} if rows <= 16 else {"stages", "hybrid"})
+
+
+def test_local_search_checks_before_timing_and_reports_failures():
+    shape, factors, bias = _layer(64, 64, 4, bias=True, seed=2)               # P = S = 16, T = 4
+    kernel = MonarchKernel.from_factors(factors.right_bPQ, factors.left_bQS, shape, bias)
+    x = torch.randn(1, 64)
+    reference = _reference(x, factors, shape, bias)
+    good, faster = KernelConfig("splitk", 1, 4, 16, 16), KernelConfig("splitk", 1, 2, 16, 16)
+    broken = KernelConfig("splitk", 1, 3, 16, 16)                              # 3 does not divide T
+    times = {good: 2.0, faster: 1.0}
+    rows = local_search(kernel, x, [broken, good, faster], reference, FP32_RTOL, times.__getitem__)
+    assert [r["config"] for r in rows] == [faster.label(), good.label(), broken.label()]
+    assert rows[0]["ok"] and rows[0]["kernel_config"] == faster and rows[0]["ms"] == 1.0
+    assert not rows[2]["ok"] and "does not divide" in rows[2]["why"] and "ms" not in rows[2]
+    late = local_search(kernel, x, [good, faster], reference, FP32_RTOL, times.__getitem__, deadline=0.0)
+    assert late[0]["ok"] and late[1]["why"] == "not tried: search time budget spent"
 
 
 _COMPILE = """

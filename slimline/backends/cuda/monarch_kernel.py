@@ -731,24 +731,34 @@ def _spread(configs: list[KernelConfig], limit: int) -> list[KernelConfig]:
 
 def local_search(kernel: MonarchKernel, x: torch.Tensor, configs: list[KernelConfig],
                  reference: torch.Tensor, tolerance: float,
-                 timer: Callable[[Callable[[], object]], float]) -> list[dict]:
+                 timer: Callable[[KernelConfig], float], deadline: float | None = None) -> list[dict]:
     """Check then time each config; returns one row per config, fastest correct first.
 
-    ``timer(fn)`` returns a time in ms (the benchmark passes CUDA-event timing). A config that
-    fails to compile, to launch or its check is reported with the reason, and never timed.
-    The output is poisoned (NaN) before the check, so an unwritten element fails it.
+    ``timer(config)`` returns a time in ms (the benchmark times the config over rotating weight
+    copies in a CUDA graph). A config that fails to compile, to launch or its check is reported
+    with the reason, and never timed. The output is poisoned (NaN) before the check, so an
+    unwritten element fails it. Past ``deadline`` (``time.time()``), once one config has passed,
+    the rest are not tried (compiling is what takes the time).
     """
+    import time
+
     rows = []
     for config in configs:
         row: dict = {"config": config.label(), "variant": config.variant, "ok": False}
+        if deadline is not None and time.time() > deadline and any(r["ok"] for r in rows):
+            row["why"] = "not tried: search time budget spent"
+            rows.append(row)
+            continue
         try:
-            out = kernel(x, config)
+            out = torch.full((x.reshape(-1, x.shape[-1]).shape[0], kernel.shape.out_features),
+                             float("nan"), dtype=x.dtype, device=x.device)
+            out = kernel(x, config, out=out)
             error = relative_error(reference, out)
             row["rel_error"] = error
             if not math.isfinite(error) or error > tolerance:
                 row["why"] = f"wrong: relative error {error:.3g} > {tolerance}"
             else:
-                row["ms"] = timer(lambda config=config: kernel(x, config))
+                row["ms"] = timer(config)
                 row["ok"] = True
                 row["kernel_config"] = config
         except Exception as error:  # one config's compile or launch failure must not stop the rest
