@@ -535,8 +535,7 @@ def _run(session: Any, feed: dict[str, np.ndarray], where: str, what: str) -> li
                               "optimize(path, {name: array, ...}, target='onnxruntime')") from error
 
 
-def _check(model: ir.Model, base_dir: Path, samples: list[_Sample],
-           output_names: list[str]) -> str:
+def _check(model: ir.Model, samples: list[_Sample], output_names: list[str]) -> str:
     """Run ``model`` in onnxruntime on every sample; "" when all outputs match, else why not."""
     from slimline.onnx.check import compare_arrays, describe_failures
     from slimline.onnx.files import staged_model
@@ -594,7 +593,7 @@ def _rewrite(loaded: LoadedOnnx, samples: list[_Sample], rule_names: tuple[str, 
     model = _to_ir(proto, base_dir)
     results = run_rules(model, rule_names)
     changed = any(result.rewrites for result in results)
-    problem = _check(model, base_dir, samples, output_names) if changed else ""
+    problem = _check(model, samples, output_names) if changed else ""
     if not problem:
         _record(report, results, "applied", prepare + time.perf_counter() - clock)
         _restore_interface(model, loaded.proto)
@@ -609,7 +608,7 @@ def _rewrite(loaded: LoadedOnnx, samples: list[_Sample], rule_names: tuple[str, 
         if not result.rewrites:
             _record(report, [result], "unchanged", time.perf_counter() - start)
             continue
-        problem = _check(model, base_dir, samples, output_names)
+        problem = _check(model, samples, output_names)
         if problem:
             model = _to_ir(snapshot, base_dir)
             _record(report, [result], "rolled back", time.perf_counter() - start, problem)

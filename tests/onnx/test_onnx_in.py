@@ -170,8 +170,10 @@ def test_truncated_file(exported, tmp_path, keep):
 def test_empty_file_and_directory(tmp_path):
     with pytest.raises(InputError, match="empty"):
         slimline.optimize(_write(tmp_path / "empty.onnx", b""), target="onnxruntime")
+    folder = tmp_path / "folder.onnx"
+    folder.mkdir()
     with pytest.raises(InputError, match="directory"):
-        slimline.optimize(str(tmp_path), target="onnxruntime")
+        slimline.optimize(str(folder), target="onnxruntime")
     with pytest.raises(InputError, match="no ONNX file"):
         slimline.optimize(tmp_path / "absent.onnx", target="onnxruntime")
 
