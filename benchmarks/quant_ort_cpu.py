@@ -1,6 +1,6 @@
 """MiniLM in ONNX Runtime on the CPU: slimline's int8 export against its float32 export.
 
-Both files come from the same slimline flow (attention and norm fusion; the int8 one adds the
+Both files come from the same slimline flow (attention, QKV and norm fusion; the int8 one adds the
 quantize pass: int8 per-channel weights, int8 dynamic activations, lowered to ORT's
 ``DynamicQuantizeMatMul``). Timing: one batch of docstring sentences (32 x 64 tokens), runs of
 the two sessions interleaved, the same intra-op thread count for both; the figure is the ratio
@@ -67,7 +67,7 @@ def main() -> None:
     batch = (eval_set.input_ids[:32], eval_set.attention_mask[:32])
     calibration = _calibration(options.calibration, options.sentences, 32)
     reference = sentence_embeddings(model, eval_set)
-    common = {"fuse_attention": {}, "fuse_norm": {}}
+    common = {"fuse_attention": {}, "fuse_qkv": {}, "fuse_norm": {}}
     workdir = Path(tempfile.mkdtemp(prefix="quant-ort-"))
 
     clock = time.perf_counter()

@@ -210,8 +210,9 @@ def _check_matmul(node: ir.Node) -> _Site | str:
     return _Site(node, node.inputs[0], bias)
 
 
-def _unrounded_input(activation: ir.Value) -> tuple[ir.Value, ir.Value] | str:
-    """``(x, rounded)`` for an int8-activation layer: the matmul's input behind the rounding.
+def _unrounded_input(activation: ir.Value) -> tuple[ir.Value, list[ir.Node]] | str:
+    """``(x, shape_ops)`` for an int8-activation layer: the matmul's input behind the rounding,
+    and the shape ops (Reshape, …) between the rounding and the matmul, first to last.
 
     The torch form exports as (see :func:`~slimline.quant.linear.fake_quantize_dynamic_uint8`)::
 
@@ -219,8 +220,10 @@ def _unrounded_input(activation: ir.Value) -> tuple[ir.Value, ir.Value] | str:
         scale, zero  from  ReduceMin(x), ReduceMax(x)
     """
     value = activation
+    shape_ops: list[ir.Node] = []
     while value.producer() is not None and value.producer().op_type in _SHAPE_OPS:
-        value = value.producer().inputs[0]  # Reshape/Flatten between the rounding and the matmul
+        shape_ops.insert(0, value.producer())  # Reshape/Flatten between rounding and matmul
+        value = value.producer().inputs[0]
     rounded = value
     chain = [("Mul", 0), ("Sub", 0), ("Clip", 0), ("Add", None), ("Round", 0), ("Div", 0)]
     node = rounded.producer()
@@ -243,7 +246,7 @@ def _unrounded_input(activation: ir.Value) -> tuple[ir.Value, ir.Value] | str:
     reductions = {user.op_type for user, _ in x.uses()}
     if not {"ReduceMin", "ReduceMax"} <= reductions:
         return "the activation rounding's range does not come from ReduceMin/ReduceMax of x"
-    return x, rounded
+    return x, shape_ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,19 +352,26 @@ def _qdq(graph: ir.Graph, site: _Site, layer: QuantizedLayer, symmetric: bool) -
 
 
 def _dynamic_int8(graph: ir.Graph, site: _Site, layer: QuantizedLayer, x: ir.Value,
-                  rounded: ir.Value) -> list[ir.Node]:
+                  shape_ops: list[ir.Node]) -> list[ir.Node]:
     codes, scales, _zeros = _codes(layer)
     weight = (codes[:, :layer.in_features].astype(np.int16) - 128).astype(np.int8)  # (N, K)
     prefix = layer.packed.removesuffix("_packed")
-    inputs = [site.activation, _initializer(graph, f"{prefix}_int8_B", np.ascontiguousarray(weight.T)),
+    # the kernel rounds its input itself: it reads x through copies of the shape ops that fed
+    # the matmul the rounded x (the rounding may be shared, by Q, K and V, so it stays for now
+    # and goes with the last reader)
+    replayed: list[ir.Node] = []
+    value = x
+    for index, node in enumerate(shape_ops):
+        replayed.append(ir.node(node.op_type, [value, *node.inputs[1:]], dict(node.attributes),
+                                domain=node.domain, name=f"{prefix}_{node.op_type}_{index}"))
+        value = replayed[-1].outputs[0]
+    inputs = [value, _initializer(graph, f"{prefix}_int8_B", np.ascontiguousarray(weight.T)),
               _initializer(graph, f"{prefix}_int8_scales", np.ascontiguousarray(scales[:, 0]))]
     if site.bias is not None:
         inputs += [None, site.bias]
     node = ir.node("DynamicQuantizeMatMul", inputs, domain=MICROSOFT,
                    name=f"{prefix}_DynamicQuantizeMatMul")
-    # the kernel rounds its input itself: feed it x where torch fed the rounded x
-    rounded.replace_all_uses_with(x)
-    return [node]
+    return [*replayed, node]
 
 
 def _with_bias(node: ir.Node, site: _Site, prefix: str) -> list[ir.Node]:

@@ -17,10 +17,11 @@ class Stack(nn.Module):
         self.b = nn.Linear(512, 256, bias=False)
         self.c = nn.Linear(256, 256)
         self.d = nn.Linear(256, 16)
+        self.e = nn.Linear(256, 256)
 
     def forward(self, x):  # (B, T, 256)
-        x = nn.functional.gelu(self.a(x))
-        return self.d(torch.relu(self.c(self.b(x))))
+        x = self.b(nn.functional.gelu(self.a(x)))
+        return self.d(torch.relu(self.c(x)) + self.e(x))  # c and e read one input, as Q, K, V do
 
 
 def _quantized(*configs, seed=0):
@@ -31,30 +32,30 @@ def _quantized(*configs, seed=0):
     graph = capture(model, (x,))
     graph = canonicalize_linear.run(graph, canonicalize_linear.Config(), PassContext("cpu", "balanced")).graph
     for layers, options in configs:
-        skip = tuple(name for name in "abcd" if name not in layers)
+        skip = tuple(name for name in "abcde" if name not in layers)
         config = quantize.Config(skip=skip, fit_budget=False, **options)
         graph = quantize.run(graph, config, PassContext("cpu", "balanced", calibration=[((x,), {})])).graph
     return graph, x
 
 
 def test_mixed_widths_lower_to_matmulnbits_and_plain(tmp_path):
-    graph, x = _quantized(("a", {"bits": 4, "group_size": 32}), ("b", {"bits": 8}),
+    graph, x = _quantized(("ae", {"bits": 4, "group_size": 32}), ("b", {"bits": 8}),
                           ("c", {"bits": 3}), ("d", {"bits": 2, "group_size": 64}))
-    assert len(quantized_layers(graph.module)) == 4
+    assert len(quantized_layers(graph.module)) == 5
     summary = export_quantized_onnx(graph.module, (x,), {}, tmp_path / "m.onnx", accuracy_level=0,
                                     check_inputs=[((torch.randn(2, 8, 256) * 3,), {})])
     lowering = summary["quantized"]
     ops = summary["op_histogram"]
-    assert lowering["forms"]["matmulnbits"] >= 2  # a and b; d too unless constant-folded
+    assert lowering["forms"]["matmulnbits"] >= 3  # a, b, e; d too unless constant-folded
     assert lowering["plain"] == 1 and "3-bit" in lowering["reasons"]["c"]
-    assert lowering["lowered"] + lowering["plain"] + lowering["folded"] == 4
+    assert lowering["lowered"] + lowering["plain"] + lowering["folded"] == 5
     assert ops["com.microsoft::MatMulNBits"] == lowering["forms"]["matmulnbits"]
     assert "BitShift" in ops  # the 3-bit layer unpacks in plain ONNX ops
     assert lowering["check"] == "exact_float" and lowering["max_rel_error"] < 1e-5
 
 
 def test_qdq_form_and_int8_compute(tmp_path):
-    graph, x = _quantized(("ab", {"bits": 4, "group_size": 64}), ("cd", {"bits": 8}))
+    graph, x = _quantized(("ab", {"bits": 4, "group_size": 64}), ("cde", {"bits": 8}))
     summary = export_quantized_onnx(graph.module, (x,), {}, tmp_path / "m.onnx", form="qdq")
     assert summary["quantized"]["forms"]["qdq"] >= 3
     assert summary["op_histogram"]["DequantizeLinear"] == summary["quantized"]["forms"]["qdq"]
@@ -63,10 +64,11 @@ def test_qdq_form_and_int8_compute(tmp_path):
 
 
 def test_int8_activations_lower_to_dynamic_quantize_matmul(tmp_path):
-    graph, x = _quantized(("abcd", {"bits": 8, "activations": "dynamic_int8"}))
+    graph, x = _quantized(("abcde", {"bits": 8, "activations": "dynamic_int8"}))
     summary = export_quantized_onnx(graph.module, (x,), {}, tmp_path / "m.onnx")
     lowering = summary["quantized"]
-    assert lowering["forms"].get("dynamic_int8", 0) + lowering["folded"] == 4
+    assert lowering["forms"].get("dynamic_int8", 0) + lowering["folded"] == 5
+    assert lowering["forms"]["dynamic_int8"] >= 4  # c and e share one rounding of their input
     ops = summary["op_histogram"]
     assert ops["com.microsoft::DynamicQuantizeMatMul"] == lowering["forms"]["dynamic_int8"]
     # the torch-side rounding is gone where the kernel rounds (2 Round nodes per rounding)
