@@ -205,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
               "results": results, "seconds": time.time() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    table = _table(results)
+    args.out.with_suffix(".md").write_text(f"```\n{table}\n```\n\n{report['command']}, {report['date']}, "
+                                           f"torch {report['torch']}, {args.threads} thread(s)\n")
     print()
-    print(_table(results))
+    print(table)
     print(f"({time.time() - started:.0f} s; JSON: {args.out})")
     return 0
 
