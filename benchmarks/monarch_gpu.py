@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("monarch_gpu.json"))
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, Triton interpreter")
-    parser.add_argument("--budget-s", type=float, default=120.0,
+    parser.add_argument("--budget-s", type=float, default=100.0,
                         help="seconds for all the kernel-config searches together")
     parser.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--in-process", action="store_true",
