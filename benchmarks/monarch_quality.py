@@ -24,7 +24,6 @@ validation windows after the scored slice. Per-layer Monarch and SVD output erro
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import platform

@@ -14,7 +14,7 @@ import slimline
 from slimline.budget import Budget
 from slimline.errors import ConfigError, SlimlineError
 from slimline.ir.capture import capture
-from slimline.ir.graph import PROVENANCE_PASS, PROVENANCE_SOURCE, module_path
+from slimline.ir.graph import PROVENANCE_PASS, module_path
 from slimline.monarch import (dense_from_factors, monarch_forward, monarch_shape, project,
                               random_factors, relative_errors, slab_singular_values)
 from slimline.passes import canonicalize_linear, monarch
