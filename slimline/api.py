@@ -140,7 +140,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any = None, target: str = "
     is never modified. An ONNX file path or ``onnx.ModelProto`` goes to
     :func:`slimline.onnx_in.optimize_onnx` (``target="onnxruntime"``; inputs optional).
     """
-    if isinstance(model, (str, Path)) or type(model).__name__ == "ModelProto":  # ONNX in
+    if (isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx")) \
+            or type(model).__name__ == "ModelProto":  # ONNX in
         from slimline.onnx_in import optimize_onnx
         return optimize_onnx(model, example_inputs, target=target, mode=mode, passes=passes,
                              budget=budget, calibration=calibration, tune=tune, workdir=workdir,

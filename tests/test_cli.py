@@ -17,7 +17,10 @@ def test_optimize_writes_report_and_onnx(tmp_path, capsys):
     assert report["symbols"] == ["batch", "seq"]
     linear = [layer for layer in report["layers"] if layer["op"] == "linear"]
     attention = [layer for layer in report["layers"] if layer["op"] == "attention"]
-    assert len(linear) == 5 * 6 + 1 and len(attention) == 5  # 5 blocks of q, k, v, proj, up, down; the head
+    fused_qkv = next(p for p in report["passes"] if p["name"] == "fuse_qkv")
+    assert fused_qkv["status"] == "applied"
+    # 5 blocks of (q, k, v fused into one), proj, up, down; and the head
+    assert len(linear) == 5 * 4 + 1 and len(attention) == 5
     assert all(layer["module_path"] and "batch" in layer["flops_after"] for layer in linear + attention)
     assert all("seq**2" in layer["flops_after"] for layer in attention)
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])

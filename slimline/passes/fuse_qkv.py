@@ -41,10 +41,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from slimline.ir.cost import node_cost
 from slimline.ir.graph import Graph, module_path, stamp
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
 
@@ -243,11 +245,14 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
         linears, operands = [linears[i] for i in order], [operands[i] for i in order]
         params = sum(graph.attribute(n.args[1]).numel() for n in linears) + \
             sum(graph.attribute(n.args[2]).numel() for n in linears if len(n.args) > 2 and n.args[2] is not None)
+        # one wide linear does the same multiply-adds as the projections it replaces
+        flops = str(sympy.expand(sum(node_cost(n, graph.rename).flops for n in linears)))
         source, params_after = _replace(graph, linears)
         pattern = "fused_" + "".join(_OPERANDS[i] for i in operands)
         stats[pattern] = stats.get(pattern, 0) + 1
         decisions.append(LayerDecision(source, "linear", f"{len(linears)} projections → one linear",
-                                       NAME, params_before=params, params_after=params_after))
+                                       NAME, params_before=params, params_after=params_after,
+                                       flops_before=flops, flops_after=flops))
     changed = any(key.startswith("fused_") for key in stats)
     if changed:
         graph.fx.eliminate_dead_code()
