@@ -10,10 +10,11 @@ from slimline.api import OptimizedModel, export_onnx, optimize
 from slimline.budget import Budget
 from slimline.errors import (BackendError, CaptureError, ConfigError, ExportError, InputError,
                              PassError, SlimlineError, VerificationError)
+from slimline.generate import generate
 from slimline.verify import verify
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "verify", "export_onnx", "Budget", "OptimizedModel", "SlimlineError",
+__all__ = ["optimize", "verify", "export_onnx", "generate", "Budget", "OptimizedModel", "SlimlineError",
            "InputError", "ConfigError", "CaptureError", "PassError", "VerificationError",
            "BackendError", "ExportError", "__version__"]
