@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sentences", type=int, default=512, help="MiniLM evaluation sentences")
     parser.add_argument("--text-bytes", type=int, default=None,
                         help="held-out bytes scored (default 65,536 for gpt-tiny, 32,768 for gpt-small)")
+    parser.add_argument("--ranks-from", default=None,
+                        help="a result file whose data-aware ranks data-aware+rec reuses (skips re-probing)")
     parser.add_argument("--combine", nargs="+", default=None,
                         help="merge the models of these result files into --out (and its PNG), run nothing")
     parser.add_argument("--threads", type=int, default=2)
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: baseline {baseline} ({time.perf_counter() - start:.0f} s to prepare)", flush=True)
         reductions = sorted(set(args.reductions) | set(EXTRA_REDUCTIONS.get(name, ())))
         for reduction in reductions:
-            ranks = None
+            ranks = _ranks_from(args.ranks_from, name, reduction) if args.ranks_from else None
             for variant in args.variants:
                 point, chosen = run_point(model, variant, reduction, args, ranks)
                 if variant == "data-aware":
@@ -350,6 +352,14 @@ def main(argv: list[str] | None = None) -> dict:
     if plot(shown, out.with_suffix(".png")):
         print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
+
+
+def _ranks_from(path: str, name: str, reduction: float) -> dict | None:
+    entry = json.loads(Path(path).read_text(encoding="utf-8"))["models"].get(name, {})
+    for point in entry.get("points", []):
+        if point["variant"] == "data-aware" and abs(point["target_reduction"] - reduction) < 1e-9:
+            return {layer["layer"]: layer["rank"] for layer in point["layers"] if layer["rank"] is not None}
+    return None
 
 
 def _combine(paths: list[str], out: Path) -> dict:

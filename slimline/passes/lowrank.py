@@ -53,8 +53,9 @@ ranks per module-path pattern. Ranks are multiples of ``rank_multiple`` (kernel-
 **Recovery** (``recover`` steps, 0 = off): PELA's intermediate stage. Only the factors train (Adam),
 everything else is frozen; the loss is the feature MSE of every factorised layer's output against
 the original model's output of that layer, each normalised by the feature's mean square, plus
-``recover_perturbation`` × the weight-perturbation term ``‖B·A − W‖² / ‖W‖²`` that keeps the
-recovered matrix near the original. Samples are the calibration samples, cycled. Adam's step is
+``recover_perturbation`` × the weight-perturbation term that keeps the recovered matrix near the
+original, measured where the inputs lie: ``tr(Δ·C·Δᵀ) / tr(W·C·Wᵀ)``, ``Δ = B·A − W`` (PELA's
+plain ``‖Δ‖²`` would pull whitened factors back towards plain SVD). Samples are the calibration samples, cycled. Adam's step is
 ``recover_lr`` × each factor's RMS × the initial relative feature error (a factorisation that is
 already close moves little), cosine-decayed to zero. When the feature loss on all samples ends
 higher than it started, the factors are restored (``recover_reverted``).
@@ -120,7 +121,7 @@ class Config:
                                 "Adam step of the recovery, × each factor's RMS × the initial relative "
                                 "feature error (cosine-decayed)")
     recover_perturbation: float = tunable(0.1, (0.0, 0.1, 1.0),
-                                          "weight of ‖B·A − W‖²/‖W‖² in the recovery loss")
+                                          "weight of tr(ΔCΔᵀ)/tr(WCWᵀ), Δ = B·A − W, in the recovery loss")
     budget_margin: float = tunable(0.1, (0.0, 0.1, 0.25), "fraction of the budget share kept spare")
     min_params: int = tunable(1024, (0, 1024, 16384), "layers with fewer weights stay dense")
     exclude: tuple = tunable((), None, "module-path patterns (fnmatch) to keep dense")
@@ -214,6 +215,7 @@ class _Layer:
     spectra: dict[str, Spectrum] = field(default_factory=dict)       # method -> fit on all data
     curves: dict[str, torch.Tensor] = field(default_factory=dict)    # method -> e[R] for choosing
     errors: dict[str, torch.Tensor] = field(default_factory=dict)    # method -> e[R], all data
+    covariance: torch.Tensor | None = None                           # (K, K) E[xᵀx], all data
     rank: int | None = None
     fixed_rank: int | None = None
     flops: tuple[str, str] = ("?", "?")
@@ -629,7 +631,16 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
     teacher_by_name = {node.name: node for node in teacher.fx.nodes}
     teacher_watch = {teacher_by_name[layer.node.name]: i for i, (layer, _o, _a, _b) in enumerate(done)}
     originals = [layer.weight.detach().to(torch.float32) for layer, _o, _a, _b in done]
-    norms = [float(w.pow(2).sum()) for w in originals]
+    # ‖B·A − W‖ is measured where the inputs lie, tr(Δ·C·Δᵀ) / tr(W·C·Wᵀ) with C the layer's input
+    # covariance: plain Frobenius would pull whitened factors back towards plain SVD
+    metrics = [layer.covariance.to(torch.float32) if layer.covariance is not None
+               else torch.eye(layer.in_features, device=layer.weight.device) for layer, _o, _a, _b in done]
+    norms = [float(((w @ c) * w).sum()) for w, c in zip(originals, metrics)]
+
+    def perturbation(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, c: torch.Tensor, n: float) -> torch.Tensor:
+        delta = b.float() @ a.float() - w  # (N, K)
+        return ((delta @ c) * delta).sum() / max(n, _TINY)
+
     factors = [t for _l, _o, a, b in done for t in (a, b)]
 
     def teacher_features(sample_index: int) -> dict[int, torch.Tensor]:
@@ -675,8 +686,8 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
                 optimizer.zero_grad(set_to_none=True)
                 loss = feature_loss(step % len(samples))
                 if config.recover_perturbation > 0:
-                    drift = torch.stack([(b.float() @ a.float() - w).pow(2).sum() / max(n, _TINY)
-                                         for (_l, _o, a, b), w, n in zip(done, originals, norms)])
+                    drift = torch.stack([perturbation(a, b, w, c, n) for (_l, _o, a, b), w, c, n
+                                         in zip(done, originals, metrics, norms)])
                     loss = loss + config.recover_perturbation * drift.mean()
                 loss.backward()
                 optimizer.step()
@@ -726,6 +737,7 @@ def _fit(graph: Graph, layers: list[_Layer], samples: list, config: Config) -> N
     for index, layer in enumerate(layers):
         weight = layer.weight.detach().to(torch.float64)
         every, fit, check = (covariances[p][index] for p in ("all", "fit", "check"))
+        layer.covariance = every
         if config.method == "best":
             plain, whitened_half = spectrum(weight, "svd"), spectrum(weight, "whitened", fit, config.damping)
             layer.spectra = {"svd": plain, "whitened": spectrum(weight, "whitened", every, config.damping)}
