@@ -38,7 +38,6 @@ __all__ = [
     "consumers",
     "only_consumer",
     "scalar_constant",
-    "int_list_constant",
     "dims",
     "same_dim",
     "attribute",
@@ -161,13 +160,6 @@ def scalar_constant(value: ir.Value | None) -> float | None:
         return None
     number = float(array.reshape(()))
     return number if not math.isnan(number) else None
-
-
-def int_list_constant(value: ir.Value | None) -> list[int] | None:
-    array = _constant_array(value)
-    if array is None or array.dtype.kind not in "iu" or array.ndim != 1:
-        return None
-    return [int(item) for item in array]
 
 
 def dims(value: ir.Value | None) -> list[Any] | None:
