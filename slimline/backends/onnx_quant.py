@@ -19,11 +19,12 @@ layers: ``stats.folded``).
 
 The rewrite, per layer (pattern → check → replacement)::
 
-    MatMul(A, cone(packed, scales, zeros)) [+ bias]       cone: only constant inputs
+    MatMul(A, cone(packed, scales, zeros)) [+ b]          cone: only constant inputs; b a
+                                                          constant vector, the only reader
     Gemm(A, cone(...), C, transB=1)                       alpha = beta = 1
     A = shape ops(fake_int8(x))                           dynamic_int8: x found behind the
                                                           rounding (one non-constant input)
-      → Kernel(A or x, B', scales', zero points') [+ bias]
+      → Kernel(A or shape ops(x), B', scales', zero points', bias=b or C)
 
 Which form is faster was measured on this machine (``benchmarks/quant_ort_cpu.py``): for 8-bit
 weights with int8 activations ``DynamicQuantizeMatMul`` (2.7–3.6× float32 at 256–2048 rows);
@@ -31,7 +32,8 @@ for 4-bit weights ``MatMulNBits`` with ``accuracy_level=4`` (int8 compute): 1.2�
 rows, ~6× at one row. ``form="auto"`` picks those.
 
 :func:`export_quantized_onnx` runs the whole flow: export (checked in ORT by
-:func:`~slimline.backends.onnx_export.export_onnx_model`), lower, check the lowered file in ORT
+:func:`~slimline.backends.onnx_export.export_onnx_model`), lower, apply the exact ONNX rules of
+:mod:`slimline.onnx.pipeline` (as the onnxruntime target does), check the lowered file in ORT
 against torch again (within the tolerance its kernels' rounding needs, below), then replace.
 
 Shape legend:  N out_features,  K in_features,  Kq K padded to whole groups,  Bk blocks per row.
@@ -159,7 +161,13 @@ def _is_constant(value: ir.Value | None) -> bool:
 class _Site:
     matmul: ir.Node  # MatMul or Gemm
     activation: ir.Value  # the matmul's A input
-    bias: ir.Value | None  # Gemm's C
+    bias: ir.Value | None  # Gemm's C, or the constant a MatMul's only reader adds
+    bias_add: ir.Node | None = None  # that Add: the kernel takes the bias, the Add goes
+
+    @property
+    def result(self) -> ir.Value:
+        """The value the replacement computes: the bias Add's output when it is folded."""
+        return (self.bias_add or self.matmul).outputs[0]
 
 
 def _constant_derived(value: ir.Value | None, memo: dict[int, bool], depth: int = 0) -> bool:
@@ -200,7 +208,7 @@ def _find_site(packed: ir.Value) -> _Site | str:
 
 def _check_matmul(node: ir.Node) -> _Site | str:
     if node.op_type == "MatMul":
-        return _Site(node, node.inputs[0], None)
+        return _Site(node, node.inputs[0], *_bias_add(node))
     attributes = {name: attr.value for name, attr in node.attributes.items()}
     if attributes.get("transA", 0) or not attributes.get("transB", 0):
         return "Gemm with transA or without transB"
@@ -208,6 +216,25 @@ def _check_matmul(node: ir.Node) -> _Site | str:
         return "Gemm with alpha or beta other than 1"
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     return _Site(node, node.inputs[0], bias)
+
+
+def _bias_add(matmul: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
+    """``(b, Add)`` when the MatMul's only reader adds a constant vector ``b`` of its width."""
+    output = matmul.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output():
+        return None, None
+    add, _index = uses[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None, None
+    other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+    tensor = other.const_value if other is not None else None
+    if tensor is None or len(tensor.shape) != 1:
+        return None, None
+    width = output.shape[-1] if output.shape is not None and len(output.shape) else None
+    if not isinstance(width, int) or tensor.shape[0] != width:
+        return None, None
+    return other, add
 
 
 def _unrounded_input(activation: ir.Value) -> tuple[ir.Value, list[ir.Node]] | str:
@@ -320,14 +347,22 @@ def _matmulnbits(graph: ir.Graph, site: _Site, layer: QuantizedLayer, accuracy_l
     inputs = [site.activation,
               _initializer(graph, f"{prefix}_nbits_B", blob),
               _initializer(graph, f"{prefix}_nbits_scales", scales.reshape(-1))]
-    if not symmetric:
-        inputs.append(_initializer(graph, f"{prefix}_nbits_zeros",
-                                   _pack_low_first(zeros, layer.bits).reshape(-1)))
-    node = ir.node("MatMulNBits", inputs, {"K": layer.in_features, "N": out_features,
-                                           "bits": layer.bits, "block_size": block,
-                                           "accuracy_level": accuracy_level},
+    inputs.append(_initializer(graph, f"{prefix}_nbits_zeros",
+                               _pack_low_first(zeros, layer.bits).reshape(-1))
+                  if not symmetric else None)
+    if site.bias is not None:
+        inputs += [None, site.bias]  # g_idx unused; bias
+    node = ir.node("MatMulNBits", _trim(inputs), {"K": layer.in_features, "N": out_features,
+                                                  "bits": layer.bits, "block_size": block,
+                                                  "accuracy_level": accuracy_level},
                    domain=MICROSOFT, name=f"{prefix}_MatMulNBits")
-    return _with_bias(node, site, prefix)
+    return [node]
+
+
+def _trim(inputs: list) -> list:
+    while inputs and inputs[-1] is None:
+        inputs.pop()
+    return inputs
 
 
 def _qdq(graph: ir.Graph, site: _Site, layer: QuantizedLayer, symmetric: bool) -> list[ir.Node]:
@@ -429,9 +464,10 @@ def lower_quantized_matmuls(model: ir.Model, layers: list[QuantizedLayer], *, fo
             stats.reasons[where] = replacement
             continue
         graph.insert_before(site.matmul, replacement)
-        site.matmul.outputs[0].replace_all_uses_with(replacement[-1].outputs[0])
-        if site.matmul.outputs[0].is_graph_output():
-            _swap_graph_output(graph, site.matmul.outputs[0], replacement[-1].outputs[0])
+        result, new_result = site.result, replacement[-1].outputs[0]
+        if result.is_graph_output():  # the new value takes the output's place and name
+            _swap_graph_output(graph, result, new_result)
+        result.replace_all_uses_with(new_result)
         stats.forms[chosen] += 1
     if stats.lowered:
         if MICROSOFT not in model.opset_imports:
@@ -493,6 +529,11 @@ def export_quantized_onnx(module: fx.GraphModule, args: tuple, kwargs: dict | No
                              check=not int8_activations)
     model = ir.load(str(path))
     stats = lower_quantized_matmuls(model, layers, form=form, accuracy_level=accuracy_level)
+    # the exact ONNX rules the onnxruntime target applies to every export (3-D attention, ...):
+    # some match only now, once the lowering has removed the activation rounding's extra readers
+    from slimline.onnx.pipeline import run_rules
+
+    rules = [result.to_json() for result in run_rules(model)]
     staged = Path(tempfile.mkdtemp(prefix=".quant-", dir=path.parent)) / path.name
     try:
         ir.save(model, str(staged))
@@ -530,6 +571,7 @@ def export_quantized_onnx(module: fx.GraphModule, args: tuple, kwargs: dict | No
 
     summary["op_histogram"] = onnx_op_histogram(path)
     summary["file_size"] = path.stat().st_size
+    summary["onnx_rules"] = rules
     summary["quantized"] = {**stats.to_json(), "check": kind, "max_rel_error": worst_rel,
                             "min_cosine": worst_cos, "accuracy_level": accuracy_level, "form": form}
     return summary

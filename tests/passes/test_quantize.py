@@ -1,6 +1,8 @@
 """The quantize pass: rewrite counts and op types, numbers against the reference math,
 refusals with reasons, sensitivity, and the budget it must stay inside."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ def _graph(model, *inputs):
 def _run(graph, config, samples=None, target="cpu", mode="balanced", **extra):
     samples = samples or [(graph.example_args, graph.example_kwargs)]
     context = PassContext(target, mode, calibration=samples, budget_share=1.0, extra=extra)
-    return quantize.run(graph.copy(), config, context)
+    return quantize.run(graph.copy(), dataclasses.replace(config, allow_slower=True), context)
 
 
 def _ops(graph):
@@ -163,7 +165,7 @@ def test_no_budget_left_means_no_rewrite():
 def test_auto_settings_and_refused_combinations():
     resolved = quantize.resolve(quantize.Config(), "onnxruntime")
     assert (resolved.scheme, resolved.method, resolved.activations) == \
-        (QuantScheme(8, None, True), "rtn", "dynamic_int8")
+        (QuantScheme(8, None, True), "rtn", "none")
     resolved = quantize.resolve(quantize.Config(bits=4), "cpu")
     assert (resolved.scheme, resolved.method, resolved.activations) == \
         (QuantScheme(4, 128, False), "gptq", "none")
@@ -188,7 +190,8 @@ def test_through_optimize_the_report_lists_each_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
     x = torch.randn(4, 32)
-    opt = slimline.optimize(model, (x,), mode="balanced", passes={"quantize": {"bits": 4}},
+    opt = slimline.optimize(model, (x,), mode="balanced",
+                            passes={"quantize": {"bits": 4, "allow_slower": True}},
                             calibration=[(torch.randn(4, 32),)])
     record = next(p for p in opt.report.passes if p.name == "quantize")
     assert record.status == "applied", record.reason
@@ -216,3 +219,12 @@ def test_a_task_metric_budget_is_spent_on_its_own_data():
     assert 1 <= result.stats["kept_for_budget"] <= 2
     assert result.stats["task_loss"] <= 0.1 and result.stats["max_task_loss"] == 0.1
     assert agreement(lambda i: result.graph.run((i,), {}), x) >= 0.9
+
+
+def test_target_cpu_is_refused_unless_slower_is_allowed():
+    graph = _graph(nn.Sequential(nn.Linear(32, 32)), torch.randn(2, 32))
+    context = PassContext("cpu", "balanced", calibration=[(graph.example_args, {})], budget_share=1.0)
+    result = quantize.run(graph.copy(), quantize.Config(), context)
+    assert not result.changed and "allow_slower" in result.decisions[0].why_not
+    context.target = "onnxruntime"
+    assert quantize.run(graph.copy(), quantize.Config(), context).changed

@@ -16,7 +16,7 @@ class Stack(nn.Module):
         self.a = nn.Linear(256, 512)
         self.b = nn.Linear(512, 256, bias=False)
         self.c = nn.Linear(256, 256)
-        self.d = nn.Linear(256, 16)
+        self.d = nn.Linear(256, 48)  # its output is the graph output
         self.e = nn.Linear(256, 256)
 
     def forward(self, x):  # (B, T, 256)
@@ -33,7 +33,7 @@ def _quantized(*configs, seed=0):
     graph = canonicalize_linear.run(graph, canonicalize_linear.Config(), PassContext("cpu", "balanced")).graph
     for layers, options in configs:
         skip = tuple(name for name in "abcde" if name not in layers)
-        config = quantize.Config(skip=skip, fit_budget=False, **options)
+        config = quantize.Config(skip=skip, fit_budget=False, allow_slower=True, **options)
         graph = quantize.run(graph, config, PassContext("cpu", "balanced", calibration=[((x,), {})])).graph
     return graph, x
 
@@ -68,7 +68,7 @@ def test_int8_activations_lower_to_dynamic_quantize_matmul(tmp_path):
     summary = export_quantized_onnx(graph.module, (x,), {}, tmp_path / "m.onnx")
     lowering = summary["quantized"]
     assert lowering["forms"].get("dynamic_int8", 0) + lowering["folded"] == 5
-    assert lowering["forms"]["dynamic_int8"] >= 4  # c and e share one rounding of their input
+    assert lowering["forms"]["dynamic_int8"] == 5  # c and e share one rounding; d writes the output
     ops = summary["op_histogram"]
     assert ops["com.microsoft::DynamicQuantizeMatMul"] == lowering["forms"]["dynamic_int8"]
     # the torch-side rounding is gone where the kernel rounds (2 Round nodes per rounding)
