@@ -18,7 +18,8 @@ Checks (a failed check keeps the layer dense and says why): the weight is a cons
 weight (a tied embedding would otherwise be stored twice), unless ``quantize_shared_weights``;
 the target has a fast kernel for the result — not so for target ``cpu``, where torch would
 dequantize on every call (measured: ~1.4x slower than float32 at 2048 rows, ~8x at one row;
-torch 2.13's ``_weight_int8pack_mm`` is slower still at prefill), unless ``allow_slower``.
+torch 2.13's ``_weight_int8pack_mm`` is slower still at prefill), unless ``allow_slower`` or
+``activations="dynamic_int8"`` (asked for by name, it only serves :func:`export_quantized_onnx`).
 
 Methods: ``rtn`` rounds to nearest, group by group; ``gptq`` (Frantar et al., 2023,
 :mod:`slimline.quant.gptq`) rounds column by column and feeds each error back through the
@@ -457,7 +458,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
     eligible: list[fx.Node] = []
     for node in graph.call_nodes(aten.linear.default):
         stats["linear_sites"] += 1
-        reason = check_site(graph, node, config) or _target_reason(context.target, config)
+        reason = check_site(graph, node, config) or _target_reason(context.target, config, resolved)
         if reason is not None:
             stats["refused"] += 1
             params = _params(graph, node)
@@ -518,8 +519,9 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
     return PassResult(graph, True, stats, decisions)
 
 
-def _target_reason(target: str, config: Config) -> Reason | None:
-    if target == "cpu" and not config.allow_slower:
+def _target_reason(target: str, config: Config, resolved: Resolved) -> Reason | None:
+    # int8 activations are asked for by name only to export (export_quantized_onnx): allowed
+    if target == "cpu" and not config.allow_slower and resolved.activations != "dynamic_int8":
         return Reason("target cpu: torch has no fast low-bit matmul for the rewritten layer (it "
                       "would dequantize on every call, slower than float32); set "
                       "allow_slower=True for 4-8x smaller weights anyway, or use target "

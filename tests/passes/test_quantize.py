@@ -226,5 +226,6 @@ def test_target_cpu_is_refused_unless_slower_is_allowed():
     context = PassContext("cpu", "balanced", calibration=[(graph.example_args, {})], budget_share=1.0)
     result = quantize.run(graph.copy(), quantize.Config(), context)
     assert not result.changed and "allow_slower" in result.decisions[0].why_not
+    assert quantize.run(graph.copy(), quantize.Config(activations="dynamic_int8"), context).changed
     context.target = "onnxruntime"
     assert quantize.run(graph.copy(), quantize.Config(), context).changed
