@@ -6,7 +6,8 @@ For each trained reference model, for each target reduction of the Linear parame
     svd            plain truncated SVD, the same ratio in every layer (uses no data)
     data-aware     whitened-or-plain per layer (whichever is better on held-out calibration data),
                    ranks spent least-sensitive-first (each layer probed once on calibration data)
-    data-aware+rec the data-aware ranks, then PELA's recovery: ``--recover`` steps of feature
+    data-aware-uniform  whitened-or-plain per layer, the same ratio in every layer (no probes)
+    data-aware+rec the data-aware ranks (the variant run before it), then PELA's recovery: ``--recover`` steps of feature
                    distillation (factors only, backbone frozen) on the calibration samples
 
 Each variant runs the pass itself (capture → canonicalize_linear → lowrank) and the result is
@@ -52,6 +53,7 @@ from slimline.passes.base import PassContext
 VARIANTS = {
     "svd": dict(method="svd", allocation="uniform"),
     "data-aware": dict(method="best", allocation="sensitivity"),
+    "data-aware-uniform": dict(method="best", allocation="uniform"),  # no probes: cheap on big models
     "data-aware+rec": dict(method="best", allocation="sensitivity"),   # + recover, ranks reused
 }
 REDUCTIONS = (0.25, 0.40, 0.50)
@@ -253,7 +255,7 @@ def plot(results: dict, path: Path) -> bool:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for axis, (name, metric) in zip(axes[0], panels):
         entry = results["models"][name]
-        for variant, marker in zip(VARIANTS, "osd"):
+        for variant, marker in zip(VARIANTS, "os^d"):
             points = sorted((p for p in entry["points"] if p["variant"] == variant), key=lambda p: p["reduction"])
             axis.plot([100 * p["reduction"] for p in points], [p[metric] for p in points], marker=marker,
                       label=variant)
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit", "gpt-tiny", "minilm", "gpt-small"])
     parser.add_argument("--reductions", nargs="+", type=float, default=list(REDUCTIONS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["svd", "data-aware", "data-aware+rec"],
+                        choices=list(VARIANTS))
     parser.add_argument("--recover", type=int, default=100, help="recovery steps for data-aware+rec")
     parser.add_argument("--recover-lr", type=float, default=0.3)
     parser.add_argument("--rank-multiple", type=int, default=1)
@@ -335,8 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
             ranks = _ranks_from(args.ranks_from, name, reduction) if args.ranks_from else None
             for variant in args.variants:
                 point, chosen = run_point(model, variant, reduction, args, ranks)
-                if variant == "data-aware":
-                    ranks = chosen
+                if variant.startswith("data-aware") and variant != "data-aware+rec":
+                    ranks = chosen  # the recovery variant starts from these ranks
                 entry["points"].append(point)
                 print(f"  {variant:15s} target {reduction:.2f} reduction {point['reduction']:.3f} "
                       + " ".join(f"{m} {point[m]:.4f}" for m in METRICS[name])

@@ -99,6 +99,7 @@ METHODS = ("svd", "whitened", "best")
 ALLOCATIONS = ("uniform", "sensitivity")
 _PROBE_SAMPLES = 2           # samples used to probe each layer's sensitivity
 _TINY = 1e-12
+_EXTRAPOLATION = 4.0         # sensitivity allocation: error at most this × the probed error
 _FEATURE_CACHE_BYTES = 512 * 2**20  # the original model's features kept for recovery, at most
 
 
@@ -525,10 +526,17 @@ def _saved(layers: list[_Layer], ranks: dict[int, int | None]) -> int:
 
 
 def _sensitivities(layers: list[_Layer], probe: _Probe, reduction: float) -> list[float]:
-    """Model loss per unit of layer error, each layer truncated alone at its uniform rank."""
+    """Model loss per unit of layer error, each layer truncated alone at its uniform rank.
+
+    The estimate ``weight · e(R)`` is linear in the layer's error, so it is trusted only near the
+    probe: ranks whose error exceeds ``_EXTRAPOLATION`` × the probed error leave the layer's grid
+    (gpt-small lost its first block's Q/K/V to ranks 3–5 without this bound).
+    """
     weights = []
     for index, layer in enumerate(layers):
         rank = _uniform_rank(layer, reduction)
+        limit = _EXTRAPOLATION * layer.error_at(rank)
+        layer.grid = [r for r in layer.grid if r >= rank or layer.error_at(r) <= limit] or layer.grid
         probe.set({i: (rank if i == index else None) for i in range(len(layers))})
         loss = sum(probe.output_losses(_PROBE_SAMPLES)) / min(len(probe.samples), _PROBE_SAMPLES)
         weights.append(max(loss, _TINY) / max(layer.error_at(rank), _TINY))
