@@ -34,7 +34,8 @@ core) and ``session.intra_op.allow_spinning`` (``--spinning``, default off: on a
 spinning threads take the cores the others need); torch gets the same thread count. Timing is
 wall time per call, median over ``--rounds`` (>= 40) interleaved rounds after warm-up; process
 CPU time per call is recorded beside it as a measure that preemption by other jobs inflates
-less. Outputs are compared with torch: ``max |ort - torch| / max |torch|`` must be <= 1e-4.
+less; and, per ORT path, the median over rounds of its time over slimline's in the same round
+(paired ratios: load swings between rounds cancel). Outputs are compared with torch: ``max |ort - torch| / max |torch|`` must be <= 1e-4.
 
     python benchmarks/ort_cpu.py [--models minilm,gpt2,gpt-small] [--rounds 40] [--threads 2]
 
@@ -214,7 +215,9 @@ def _slimline_int8(spec: dict, folder: Path) -> Path:
                                       calibration=[spec["inputs"]])
         path = folder / "model.onnx"
         folder.mkdir(parents=True, exist_ok=True)
-        export_quantized_onnx(quantized.graph.module, spec["inputs"], {}, path)
+        lowered = export_quantized_onnx(quantized.graph.module, spec["inputs"], {}, path)
+    spec["int8"] = {"passes": {p.name: [p.status, p.reason[:200]] for p in quantized.report.passes},
+                    "lowering": lowered.get("quantized") if isinstance(lowered, dict) else None}
     return path
 
 
@@ -362,18 +365,29 @@ def run_model(name: str, rounds: int, threads: int, spinning: bool, folder: Path
         paths[path_name] = entry
     valid_ort = {p: paths[p]["wall"]["median_ms"] for p in ORT_PATHS
                  if p in paths and paths[p].get("within_1e-4")}
+    # paired: each round times every path within a second or so, so the per-round ratio
+    # cancels most of the load swings between rounds that move every path's median
+    paired = {}
+    for path_name in paths:
+        if path_name != "slimline" and "slimline" in paths:
+            ratios = [theirs / ours for theirs, ours in
+                      zip(times[path_name]["wall"], times["slimline"]["wall"])]
+            paired[path_name] = statistics.median(ratios)
     result: dict[str, Any] = {
         "weights": spec["weights"], "output": spec["output"],
         "inputs": {n: list(t.shape) for n, t in zip(spec["input_names"], inputs)},
         "paths": paths, "failures": failures, "build_seconds": build_seconds,
         "ort_optimizer_fusions": spec.get("fusions", {}), "slimline": facts.get("slimline"),
+        "slimline_int8": spec.get("int8"),
         "tracebacks": facts.get("tracebacks", {}),
+        "paired_ratio_vs_slimline": paired,  # median over rounds of (path time / slimline time)
     }
     if valid_ort and "slimline" in paths:
         fastest = min(valid_ort, key=valid_ort.get)
         cpu_fastest = min((paths[p]["cpu"]["median_ms"] for p in valid_ort))
         result["fastest_ort_path"] = fastest
         result["slimline_vs_fastest_ort"] = valid_ort[fastest] / paths["slimline"]["wall"]["median_ms"]
+        result["slimline_vs_fastest_ort_paired"] = min(paired[p] for p in valid_ort)
         result["slimline_vs_fastest_ort_cpu_time"] = cpu_fastest / paths["slimline"]["cpu"]["median_ms"]
         result["slimline_vs_torch"] = paths["torch"]["wall"]["median_ms"] / paths["slimline"]["wall"]["median_ms"]
         for source in ("dynamo", "legacy"):
@@ -404,8 +418,10 @@ def _print(name: str, result: dict) -> None:
             print(f"   ONNX in, {source} file: {result[f'onnx_in_{source}_vs_source']:.2f}x its source")
     if "slimline_vs_fastest_ort" in result:
         print(f"   slimline vs fastest ORT path ({result['fastest_ort_path']}): "
-              f"{result['slimline_vs_fastest_ort']:.2f}x wall, "
-              f"{result['slimline_vs_fastest_ort_cpu_time']:.2f}x CPU time (target >= {TARGET_RATIO}x)")
+              f"{result['slimline_vs_fastest_ort']:.2f}x (ratio of wall medians), "
+              f"{result['slimline_vs_fastest_ort_paired']:.2f}x (median of per-round ratios, "
+              f"slowest-ratio ORT path), {result['slimline_vs_fastest_ort_cpu_time']:.2f}x CPU time "
+              f"(target >= {TARGET_RATIO}x)")
 
 
 def _device() -> str:
@@ -453,7 +469,9 @@ def main() -> None:
         "spinning": options.spinning, "rounds": options.rounds, "versions": _versions(),
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "tolerance": TOLERANCE, "target_ratio": TARGET_RATIO, "models": models,
-        "met": {name: model.get("slimline_vs_fastest_ort", 0) >= TARGET_RATIO
+        "met": {name: {"wall_medians": model.get("slimline_vs_fastest_ort", 0) >= TARGET_RATIO,
+                       "paired": model.get("slimline_vs_fastest_ort_paired", 0) >= TARGET_RATIO,
+                       "cpu_time": model.get("slimline_vs_fastest_ort_cpu_time", 0) >= TARGET_RATIO}
                 for name, model in models.items() if name in ("minilm", "gpt2")},
     }
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
