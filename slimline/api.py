@@ -228,7 +228,7 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
         _inventory(original, graph, decisions, report)
 
     with report.stage("backend") as stage:
-        runner, facts = _build_backend(graph, target, workdir)
+        runner, facts = _build_backend(graph, target, workdir, tune)
         stage.detail = facts.get("runtime", "")
         if "export" in facts:
             report.export = facts["export"]
@@ -260,7 +260,7 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
     return OptimizedModel(runner, graph, report, target)
 
 
-def _build_backend(graph: Graph, target: str, workdir: Any) -> tuple[Any, dict]:
+def _build_backend(graph: Graph, target: str, workdir: Any, tune: str = "lite") -> tuple[Any, dict]:
     if target == "cpu":
         from slimline.backends import cpu
         return cpu.build(graph, workdir)
@@ -268,7 +268,7 @@ def _build_backend(graph: Graph, target: str, workdir: Any) -> tuple[Any, dict]:
         from slimline.backends import cuda
         return cuda.build(graph, workdir)
     from slimline.backends import ort_target
-    return ort_target.build(graph, workdir)
+    return ort_target.build(graph, workdir, tune=tune)
 
 
 def _inventory(original: Graph, graph: Graph, decisions: list[LayerDecision], report: Report) -> None:
