@@ -74,6 +74,7 @@ from slimline.errors import ExportError, InputError
 __all__ = [
     "ExportInfo",
     "OutputCheck",
+    "compare_array",
     "export_onnx_model",
     "default_opset",
     "exporter_max_opset",
@@ -798,34 +799,44 @@ def _describe(check: OutputCheck) -> str:
 def _compare(name: str, expected: torch.Tensor, actual: np.ndarray, rtol: float | None,
              atol: float | None) -> OutputCheck:
     default_rtol, default_atol = DEFAULT_TOLERANCES.get(expected.dtype, (0.0, 0.0))
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
     expected_array = expected.detach().cpu()
-    if expected_array.dtype == torch.bfloat16:
+    if expected_array.dtype == torch.bfloat16:  # numpy has no bfloat16: ORT returns float32
         expected_array = expected_array.float()
-    expected_array = expected_array.numpy()
-    actual = np.asarray(actual)
-    shape = tuple(expected_array.shape)
+    return compare_array(name, expected_array.numpy(), np.asarray(actual),
+                         default_rtol if rtol is None else rtol,
+                         default_atol if atol is None else atol, dtype_label=str(expected.dtype),
+                         check_dtype=expected.dtype != torch.bfloat16)
+
+
+def compare_array(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float,
+                  *, dtype_label: str | None = None, check_dtype: bool = True) -> OutputCheck:
+    """``|actual - expected| <= atol + rtol · |expected|`` element-wise, NaN equal to NaN; the
+    same shape (and dtype, with ``check_dtype``); integers and booleans must be equal."""
+    label = dtype_label or str(expected.dtype)
+    shape = tuple(expected.shape)
     problem = ""
     if tuple(actual.shape) != shape:
-        problem = f"shape {tuple(actual.shape)} but torch gives {shape}"
-    elif actual.dtype != expected_array.dtype and expected.dtype != torch.bfloat16:
-        problem = f"dtype {actual.dtype} but torch gives {expected_array.dtype}"
+        problem = f"shape {tuple(actual.shape)}, expected {shape}"
+    elif check_dtype and actual.dtype != expected.dtype:
+        problem = f"dtype {actual.dtype}, expected {expected.dtype}"
     if problem:
-        return OutputCheck(name, shape, str(expected.dtype), math.inf, math.inf, rtol, atol,
-                           False, problem)
+        return OutputCheck(name, shape, label, math.inf, math.inf, rtol, atol, False, problem)
     if actual.size == 0:
-        return OutputCheck(name, shape, str(expected.dtype), 0.0, 0.0, rtol, atol, True)
-    ours, theirs = actual.astype(np.float64), expected_array.astype(np.float64)
+        return OutputCheck(name, shape, label, 0.0, 0.0, rtol, atol, True)
+    if expected.dtype.kind not in "fc":  # integers, booleans: equal or not
+        equal = bool(np.array_equal(expected, actual))
+        error = 0.0 if equal else math.inf
+        return OutputCheck(name, shape, label, error, error, rtol, atol, equal,
+                           "" if equal else "values differ")
+    ours, theirs = actual.astype(np.float64), expected.astype(np.float64)
     same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))  # covers equal infinities
-    difference = np.where(same, 0.0, np.abs(ours - theirs))
-    difference = np.nan_to_num(difference, nan=math.inf)
+    difference = np.nan_to_num(np.where(same, 0.0, np.abs(ours - theirs)), nan=math.inf)
     max_abs = float(difference.max())
     finite = np.abs(theirs[np.isfinite(theirs)])
     scale = float(finite.max()) if finite.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     passed = bool(np.all(difference <= atol + rtol * np.abs(np.nan_to_num(theirs))))
-    return OutputCheck(name, shape, str(expected.dtype), max_abs, max_rel, rtol, atol, passed)
+    return OutputCheck(name, shape, label, max_abs, max_rel, rtol, atol, passed)
 
 
 # ---------------------------------------------------------------------------------------------

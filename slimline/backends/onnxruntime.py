@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -184,22 +184,26 @@ class OrtModule:
     def __init__(self, path: str | os.PathLike, *, output_spec: pytree.TreeSpec | None = None,
                  graph_optimization_level: str | ort.GraphOptimizationLevel = "all",
                  intra_op_threads: int | None = None):
+        self._open(path, lambda file: make_session(
+            file, graph_optimization_level=graph_optimization_level,
+            intra_op_threads=intra_op_threads),
+            output_spec, hint="re-export with slimline.export_onnx (it checks the file in ORT), "
+                              "or try graph_optimization_level='basic'")
+
+    def _open(self, path: str | os.PathLike, make: Callable[[Path], Any],
+              output_spec: pytree.TreeSpec | None, hint: str) -> None:
+        """Load the session with ``make(path)``; read the output structure from the metadata."""
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"no ONNX file at {str(self.path)!r}", stage="onnxruntime",
                              where=str(self.path), hint="check the path, or export first")
         try:
-            self.session = make_session(self.path,
-                                        graph_optimization_level=graph_optimization_level,
-                                        intra_op_threads=intra_op_threads)
+            self.session = make(self.path)
         except InputError:
             raise
         except Exception as error:
-            raise BackendError(
-                f"onnxruntime cannot load {self.path.name}: {_first_line(error)}",
-                stage="onnxruntime", where=str(self.path),
-                hint="re-export with slimline.export_onnx (it checks the file in ORT), or try "
-                     "graph_optimization_level='basic'") from error
+            raise BackendError(f"onnxruntime cannot load {self.path.name}: {_first_line(error)}",
+                               stage="onnxruntime", where=str(self.path), hint=hint) from error
         metadata = self.session.get_modelmeta().custom_metadata_map
         if output_spec is None and OUTPUT_SPEC_KEY in metadata:
             output_spec = load_output_spec(metadata[OUTPUT_SPEC_KEY])

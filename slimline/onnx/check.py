@@ -8,12 +8,11 @@ and the same shape and dtype; ``max_rel_error`` is the largest error over the la
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 
-from slimline.backends.onnx_export import OutputCheck
+from slimline.backends.onnx_export import OutputCheck, compare_array
 
 __all__ = ["TOLERANCES", "compare_arrays", "describe_failures"]
 
@@ -35,33 +34,8 @@ def compare_arrays(names: Sequence[str], reference: Sequence[np.ndarray],
 def _compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float | None,
              atol: float | None) -> OutputCheck:
     default_rtol, default_atol = TOLERANCES.get(expected.dtype, (0.0, 0.0))
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
-    shape = tuple(expected.shape)
-    problem = ""
-    if tuple(actual.shape) != shape:
-        problem = f"shape {tuple(actual.shape)}, expected {shape}"
-    elif actual.dtype != expected.dtype:
-        problem = f"dtype {actual.dtype}, expected {expected.dtype}"
-    if problem:
-        return OutputCheck(name, shape, str(expected.dtype), math.inf, math.inf, rtol, atol,
-                           False, problem)
-    if actual.size == 0:
-        return OutputCheck(name, shape, str(expected.dtype), 0.0, 0.0, rtol, atol, True)
-    if expected.dtype.kind not in "fc":  # integers, booleans: equal or not
-        equal = bool(np.array_equal(expected, actual))
-        return OutputCheck(name, shape, str(expected.dtype), 0.0 if equal else math.inf,
-                           0.0 if equal else math.inf, rtol, atol, equal,
-                           "" if equal else "values differ")
-    ours, theirs = actual.astype(np.float64), expected.astype(np.float64)
-    same = (ours == theirs) | (np.isnan(ours) & np.isnan(theirs))
-    difference = np.nan_to_num(np.where(same, 0.0, np.abs(ours - theirs)), nan=math.inf)
-    max_abs = float(difference.max())
-    finite = np.abs(theirs[np.isfinite(theirs)])
-    scale = float(finite.max()) if finite.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    passed = bool(np.all(difference <= atol + rtol * np.abs(np.nan_to_num(theirs))))
-    return OutputCheck(name, shape, str(expected.dtype), max_abs, max_rel, rtol, atol, passed)
+    return compare_array(name, expected, actual, default_rtol if rtol is None else rtol,
+                         default_atol if atol is None else atol)
 
 
 def describe_failures(checks: Sequence[OutputCheck]) -> str:

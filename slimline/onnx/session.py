@@ -28,7 +28,6 @@ report, with the load average, since a shared machine moves these numbers by ten
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -40,9 +39,8 @@ import numpy as np
 import onnxruntime as ort
 import torch.utils._pytree as pytree
 
-from slimline.backends.onnxruntime import (NONE_LEAVES_KEY, OPTIMIZATION_LEVELS, OUTPUT_SPEC_KEY,
-                                           OrtModule, load_output_spec)
-from slimline.errors import BackendError, ConfigError, InputError
+from slimline.backends.onnxruntime import OPTIMIZATION_LEVELS, OrtModule
+from slimline.errors import BackendError, ConfigError
 
 __all__ = [
     "SessionSettings",
@@ -249,27 +247,9 @@ class TunedOrtModule(OrtModule):
 
     def __init__(self, path: str | os.PathLike, settings: SessionSettings, *,
                  output_spec: pytree.TreeSpec | None = None):
-        self.path = Path(path)
         self.settings = settings
-        if not self.path.is_file():
-            raise InputError(f"no ONNX file at {str(self.path)!r}", stage="onnxruntime",
-                             where=str(self.path), hint="check the path, or export first")
-        try:
-            self.session = settings.session(self.path)
-        except Exception as error:
-            raise BackendError(f"onnxruntime cannot load {self.path.name}: "
-                               f"{str(error).strip().splitlines()[0][:300]}", stage="onnxruntime",
-                               where=str(self.path),
-                               hint="re-run slimline.optimize; it checks the file in ORT") from error
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if output_spec is None and OUTPUT_SPEC_KEY in metadata:
-            output_spec = load_output_spec(metadata[OUTPUT_SPEC_KEY])
-        none_leaves = tuple(json.loads(metadata.get(NONE_LEAVES_KEY, "[]")))
-        if output_spec is not None and \
-                output_spec.num_leaves != len(self.output_names) + len(none_leaves):
-            output_spec = None
-        self.output_spec = output_spec
-        self.none_leaves = none_leaves if output_spec is not None else ()
+        self._open(path, settings.session, output_spec,
+                   hint="re-run slimline.optimize; it checks the file in ORT")
 
     def run_feed(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run on numpy arrays keyed by input name."""
