@@ -1,0 +1,280 @@
+"""Triton kernels for one decode step at batch 1: GEMV at bandwidth with the neighbours fused in,
+and attention over a static KV cache whose length lives on the device (so one CUDA graph serves
+every position).
+
+At batch 1 a decode step is a chain of matrix-vector products: every weight byte is read once
+and used for two FLOPs, so the step's floor is weight bytes / memory bandwidth. cuBLAS reaches
+about 2.7 of the H200's 4.2 TB/s on bf16 GEMV; the kernels here read each weight tile with wide
+loads, keep the partial products in registers, and fold the small ops around each product into
+the same launch so that no extra kernel (and no extra round trip through memory) sits between
+two products:
+
+    gemv        y = W · f(x) (+ r)       one program per BLOCK_N rows of W (N, K), K walked in
+                                         BLOCK_K slices. Prologue f: none, RMSNorm or LayerNorm
+                                         of x (each program recomputes the statistics of x: K
+                                         values, read from L2). Epilogue: none, SiLU(gate)·up
+                                         (W holds [gate; up], (2F, K): a program computes rows n
+                                         of both), or GELU; then an optional residual add, which
+                                         may write in place over r.
+    attention   one program per (query head, split of BLOCK_S·BLOCKS_PER_SPLIT cache slots):
+                reads q, k, v of the new token from the fused QKV output, applies the rotary
+                embedding at the position read from ``position_ptr``, writes k and v into the
+                cache at that position (the split that holds it), and runs an online softmax
+                over the slots 0..position of its split; a combine kernel merges the splits
+                (flash-decoding). Splits past the position do no work but exist, so the grid
+                is fixed and the step is graph-capturable.
+
+Rounding follows the torch modules these kernels replace (bf16 results rounded where torch
+rounds them: norm output, projection output, activation, product, rotary terms), with fp32
+accumulation throughout; what differs is the summation order inside each dot product.
+
+Shape legend: N output rows, K input width, F MLP width, H query heads, Hkv key/value heads,
+G = H / Hkv, S cache slots, D head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the decode engine reports it; the rest of the backend does not need Triton
+    triton = None
+
+__all__ = ["AVAILABLE", "GemvConfig", "GEMV_CANDIDATES", "DEFAULT_GEMV", "NORM_NONE", "NORM_RMS",
+           "NORM_LAYER", "ACT_NONE", "ACT_SILU_PAIR", "ACT_GELU", "gemv", "static_decode_attention",
+           "ATTENTION_BLOCK_S", "ATTENTION_BLOCKS_PER_SPLIT"]
+
+AVAILABLE = triton is not None
+
+NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
+ACT_NONE, ACT_SILU_PAIR, ACT_GELU = 0, 1, 2
+ATTENTION_BLOCK_S = 64
+ATTENTION_BLOCKS_PER_SPLIT = 2
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+
+    def to_json(self) -> dict:
+        return {"block_n": self.block_n, "block_k": self.block_k, "num_warps": self.num_warps}
+
+
+# Candidates measured per weight shape on the device (slimline.backends.cuda.decoder tunes them);
+# rows x slice sizes between 8 KB and 32 KB of bf16 weights per loop trip.
+GEMV_CANDIDATES = (
+    GemvConfig(4, 1024, 4),
+    GemvConfig(8, 512, 4),
+    GemvConfig(8, 1024, 8),
+    GemvConfig(16, 512, 8),
+    GemvConfig(2, 2048, 4),
+)
+DEFAULT_GEMV = GemvConfig(8, 512, 4)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _round(value, like_ptr):
+        """Round fp32 ``value`` to the element type behind ``like_ptr`` and back (torch's rounding)."""
+        return value.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, g_ptr, b_ptr, N, eps,
+                     K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = offs_n.to(tl.int64) * K  # (BLOCK_N,) row starts in W
+        mean = 0.0
+        rstd = 1.0
+        if NORM != 0:  # statistics of x (K values), recomputed by every program
+            total = tl.zeros((BLOCK_K,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                if NORM == 1:
+                    total += xk * xk
+                else:
+                    total += xk
+            if NORM == 1:
+                rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / K + eps)
+            else:
+                mean = tl.sum(total, axis=0) / K
+                squares = tl.zeros((BLOCK_K,), tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                    centred = tl.where(offs_k < K, xk - mean, 0.0)
+                    squares += centred * centred
+                rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            if EVEN_K:
+                xk = tl.load(x_ptr + offs_k).to(tl.float32)
+            else:
+                xk = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            if NORM == 1:  # torch's RMSNorm: (x·rstd) rounded, times the weight, rounded
+                g = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xk = _round(_round(xk * rstd, x_ptr) * g, x_ptr)
+            if NORM == 2:  # LayerNorm: computed in fp32, rounded once
+                g = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                xk = _round((xk - mean) * rstd * g + b, x_ptr)
+            pointers = w_ptr + rows[:, None] + offs_k[None, :]
+            if EVEN_N and EVEN_K:
+                w = tl.load(pointers)
+            else:
+                w = tl.load(pointers, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * xk[None, :]
+            if ACT == 1:  # the up rows sit N rows below the gate rows
+                if EVEN_N and EVEN_K:
+                    w_up = tl.load(pointers + N * K)
+                else:
+                    w_up = tl.load(pointers + N * K, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                acc_up += w_up.to(tl.float32) * xk[None, :]
+        y = _round(tl.sum(acc, axis=1), out_ptr)  # (BLOCK_N,) the projection, rounded as torch does
+        if ACT == 1:  # silu(gate) * up
+            up = _round(tl.sum(acc_up, axis=1), out_ptr)
+            y = _round(_round(y * tl.sigmoid(y), out_ptr) * up, out_ptr)
+        if ACT == 2:  # exact (erf) GELU
+            y = _round(0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476)), out_ptr)
+        if RESIDUAL:
+            r = tl.load(res_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            y = r + y
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _attention_split_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, position_ptr,
+                                m_ptr, l_ptr, acc_ptr, S, G, scale,
+                                stride_kh, stride_ks, stride_vh, stride_vs,
+                                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                                BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr):
+        h = tl.program_id(0)
+        split = tl.program_id(1)
+        num_splits = tl.num_programs(1)
+        kv = h // G
+        position = tl.load(position_ptr).to(tl.int32)
+        offs_d = tl.arange(0, D)
+        partner = (offs_d + D // 2) % D  # rotate-half: [-x2, x1]
+        sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + position * D + offs_d).to(tl.float32)
+        sin = tl.load(sin_ptr + position * D + offs_d).to(tl.float32)
+        q = tl.load(qkv_ptr + h * D + offs_d).to(tl.float32)
+        q_partner = tl.load(qkv_ptr + h * D + partner).to(tl.float32) * sign
+        q = _round(_round(q * cos, qkv_ptr) + _round(q_partner * sin, qkv_ptr), qkv_ptr) * scale
+        k_offset = H * D + kv * D
+        k_new = tl.load(qkv_ptr + k_offset + offs_d).to(tl.float32)
+        k_partner = tl.load(qkv_ptr + k_offset + partner).to(tl.float32) * sign
+        k_new = _round(_round(k_new * cos, qkv_ptr) + _round(k_partner * sin, qkv_ptr), qkv_ptr)
+        v_new = tl.load(qkv_ptr + H * D + HKV * D + kv * D + offs_d).to(tl.float32)
+        split_size = BLOCK_S * BLOCKS_PER_SPLIT
+        start = split * split_size
+        k_base = k_cache_ptr + kv.to(tl.int64) * stride_kh
+        v_base = v_cache_ptr + kv.to(tl.int64) * stride_vh
+        if (h % G == 0) & (position >= start) & (position < start + split_size):  # this split owns the slot
+            tl.store(k_base + position.to(tl.int64) * stride_ks + offs_d, k_new.to(k_cache_ptr.dtype.element_ty))
+            tl.store(v_base + position.to(tl.int64) * stride_vs + offs_d, v_new.to(v_cache_ptr.dtype.element_ty))
+        m = tl.full((), float("-inf"), tl.float32)
+        l = tl.zeros((), tl.float32)
+        acc = tl.zeros((D,), tl.float32)
+        for block in range(BLOCKS_PER_SPLIT):
+            offs_s = start + block * BLOCK_S + tl.arange(0, BLOCK_S)
+            older = offs_s < position  # slots already in the cache; the new token comes from registers
+            rows = offs_s[:, None].to(tl.int64)
+            k = tl.load(k_base + rows * stride_ks + offs_d[None, :], mask=older[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_base + rows * stride_vs + offs_d[None, :], mask=older[:, None], other=0.0).to(tl.float32)
+            is_new = (offs_s == position)[:, None]
+            k = tl.where(is_new, k_new[None, :], k)
+            v = tl.where(is_new, v_new[None, :], v)
+            s = tl.sum(k * q[None, :], axis=1)  # (BLOCK_S,)
+            s = tl.where(offs_s <= position, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no slot yet
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        partial = h * num_splits + split
+        tl.store(m_ptr + partial, m)
+        tl.store(l_ptr + partial, l)
+        tl.store(acc_ptr + partial * D + offs_d, acc)
+
+    @triton.jit
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits,
+                                  D: tl.constexpr, BLOCK_P: tl.constexpr):
+        h = tl.program_id(0)
+        offs_p = tl.arange(0, BLOCK_P)
+        mask_p = offs_p < num_splits
+        offs_d = tl.arange(0, D)
+        m = tl.load(m_ptr + h * num_splits + offs_p, mask=mask_p, other=float("-inf"))
+        l = tl.load(l_ptr + h * num_splits + offs_p, mask=mask_p, other=0.0)
+        acc = tl.load(acc_ptr + (h * num_splits + offs_p)[:, None] * D + offs_d[None, :],
+                      mask=mask_p[:, None], other=0.0)
+        top = tl.max(m, axis=0)  # split 0 always holds slot 0: finite
+        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l, axis=0)
+        tl.store(out_ptr + h * D + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm: int = NORM_NONE,
+         norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 1e-6,
+         act: int = ACT_NONE, residual: torch.Tensor | None = None,
+         config: GemvConfig = DEFAULT_GEMV) -> torch.Tensor:
+    """out (N,) = epilogue(weight (N or 2N, K) · prologue(x (K,))) [+ residual (N,)]; returns out.
+
+    All contiguous. ``out`` may be ``residual`` (updated in place). With ``act=ACT_SILU_PAIR``
+    the weight is [gate; up] (2N, K) and out is silu(gate·x)·(up·x).
+    """
+    K = weight.shape[1]
+    N = weight.shape[0] // (2 if act == ACT_SILU_PAIR else 1)
+    grid = (triton.cdiv(N, config.block_n),)
+    _gemv_kernel[grid](
+        x, weight, out, residual if residual is not None else out,
+        norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
+        N, float(eps), K=K, NORM=norm, ACT=act, RESIDUAL=residual is not None,
+        EVEN_N=N % config.block_n == 0, EVEN_K=K % config.block_k == 0,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+    return out
+
+
+def static_decode_attention(qkv: torch.Tensor,  # ((H + 2·Hkv)·D,) the fused projection, before rotary
+                            k_cache: torch.Tensor,  # (Hkv, S, D), written at position
+                            v_cache: torch.Tensor,  # (Hkv, S, D)
+                            cos: torch.Tensor, sin: torch.Tensor,  # (S, D) rotary tables
+                            position: torch.Tensor,  # (1,) int, on the device
+                            out: torch.Tensor,  # (H·D,)
+                            partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # m, l (H·P,), acc (H·P, D)
+                            n_head: int, n_kv_head: int, scale: float) -> torch.Tensor:
+    """Rotary + cache write + attention over slots 0..position, for one token at batch 1."""
+    Hkv, S, D = k_cache.shape
+    split = ATTENTION_BLOCK_S * ATTENTION_BLOCKS_PER_SPLIT
+    num_splits = triton.cdiv(S, split)
+    m, l, acc = partials
+    _attention_split_kernel[(n_head, num_splits)](
+        qkv, k_cache, v_cache, cos, sin, position, m, l, acc, S, n_head // n_kv_head, float(scale),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=n_head, HKV=n_kv_head, D=D, BLOCK_S=ATTENTION_BLOCK_S, BLOCKS_PER_SPLIT=ATTENTION_BLOCKS_PER_SPLIT,
+        num_warps=4)
+    _attention_combine_kernel[(n_head,)](m, l, acc, out, num_splits, D=D,
+                                         BLOCK_P=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return out
+
+
+def attention_partials(n_head: int, slots: int, head_size: int, device: torch.device):
+    """Scratch for :func:`static_decode_attention`: m, l (H·P,) and acc (H·P, D), fp32."""
+    splits = -(-slots // (ATTENTION_BLOCK_S * ATTENTION_BLOCKS_PER_SPLIT))
+    m = torch.empty(n_head * splits, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(n_head * splits, head_size, dtype=torch.float32, device=device)
