@@ -190,6 +190,10 @@ class KernelFamily:
     def workload(self, problem: Problem, device: torch.device, seed: int = 0) -> Workload:
         raise NotImplementedError
 
+    def compile_workload(self, problem: Problem, device: torch.device) -> Workload:
+        """Stand-in tensors of the problem's shape, enough to compile every candidate (fast to make)."""
+        return self.workload(problem, device)
+
     def from_config(self, config: dict) -> Candidate:
         """A cached config back into a candidate (labels are rebuilt from the config)."""
         return Candidate.make(config.get("label", "?"), **config)
@@ -313,14 +317,25 @@ class DenseMatmul(KernelFamily):
                                lambda c: (c.as_dict()["block_m"], c.as_dict()["block_n"], c.as_dict()["split_k"]))
         return [self.incumbent(problem, limits)] + chosen
 
-    def workload(self, problem, device, seed=0):
+    def compile_workload(self, problem, device):
+        """Random tensors made on the device, no reference: enough to compile every config."""
+        M, N, K, dtype = problem["M"], problem["N"], problem["K"], _DTYPES[problem["dtype"]]
+        x, w = torch.randn(M, K, device=device, dtype=dtype), torch.randn(N, K, device=device, dtype=dtype)
+        full = self.workload(problem, device, tensors=(x, w))
+        return full
+
+    def workload(self, problem, device, seed=0, tensors=None):
         from slimline.autotune.dense_kernel import DenseConfig, dense_matmul
 
         M, N, K, dtype = problem["M"], problem["N"], problem["K"], _DTYPES[problem["dtype"]]
-        generator = torch.Generator().manual_seed(seed)
-        x = torch.randn(M, K, generator=generator).to(device, dtype)
-        w = (torch.randn(N, K, generator=generator) / math.sqrt(K)).to(device, dtype)
-        reference = (x.double() @ w.double().t()) if device.type == "cpu" else (x.float() @ w.float().t())
+        if tensors is not None:                     # compiling only: no reference needed
+            x, w = tensors
+            reference = x
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(M, K, generator=generator).to(device, dtype)
+            w = (torch.randn(N, K, generator=generator) / math.sqrt(K)).to(device, dtype)
+            reference = (x.double() @ w.double().t()) if device.type == "cpu" else (x.float() @ w.float().t())
 
         def run(candidate: Candidate):
             config = candidate.as_dict()
@@ -437,6 +452,9 @@ class QuantMatmul(KernelFamily):
     name = "quant_matmul"
     LITE, MAX = 10, 32
 
+    def __init__(self):
+        self._memo: dict = {}
+
     def kernel_hash(self) -> str:
         from slimline.backends.cuda import quant_kernels as qk
         return source_hash(qk._quant_matmul_kernel, qk._codes_tile, qk._group_tile, qk.quant_matmul)
@@ -522,6 +540,33 @@ class QuantMatmul(KernelFamily):
         ranked = sorted(self.legal(problem, limits), key=lambda pair: pair[0])
         return ranked[0][1] if ranked else self.incumbent(problem, limits)
 
+    def compile_workload(self, problem, device):
+        """Random packed bytes and unit scales of the right shapes: no quantization to wait for."""
+        from slimline.backends.cuda.quant_kernels import KernelConfig, quant_matmul
+        from slimline.quant.pack import default_layout, packed_shape
+        from slimline.quant.scheme import QuantScheme
+
+        M, N, K, bits, dtype = problem["M"], problem["N"], problem["K"], problem["bits"], _DTYPES[problem["dtype"]]
+        group = problem.get("group") or None
+        scheme = QuantScheme(bits, group, group is None)
+        layout, group_size = default_layout(bits), scheme.group(K)
+        groups = scheme.padded(K) // group_size
+        packed = torch.randint(0, 256, packed_shape(N, K, bits, layout), dtype=torch.uint8, device=device)
+        scales = torch.ones(N, groups, device=device)
+        zeros = None if scheme.symmetric else torch.zeros(N, groups, dtype=torch.uint8, device=device)
+        x = torch.randn(M, K, device=device, dtype=dtype)
+
+        def run(candidate: Candidate):
+            config = candidate.as_dict()
+            if config["impl"] == "torch":
+                return lambda: None
+            tiles = KernelConfig(config["block_m"], config["block_n"], config["block_k"], config["split_k"],
+                                 config["num_warps"], config["num_stages"])
+            return lambda: quant_matmul(x, packed, scales, zeros, None, bits=bits, layout=layout,
+                                        group_size=group_size, in_features=K, config=tiles)
+
+        return Workload(x, run, 0.0, keep=[packed, scales, zeros])
+
     def workload(self, problem, device, seed=0):
         from slimline.backends.cuda.quant_kernels import KernelConfig, quant_matmul
         from slimline.quant.linear import quantized_linear
@@ -531,22 +576,25 @@ class QuantMatmul(KernelFamily):
         M, N, K, bits, dtype = problem["M"], problem["N"], problem["K"], problem["bits"], _DTYPES[problem["dtype"]]
         group = problem.get("group") or None
         generator = torch.Generator().manual_seed(seed)
-        weight = torch.randn(N, K, generator=generator) / math.sqrt(K)
-        quantized = quantize_rtn(weight, QuantScheme(bits, group, group is None))
-        layout = default_layout(bits)
-        packed = quantized.pack(layout).to(device)
-        scales = quantized.scales.to(device)
-        zeros = quantized.zeros.to(device) if quantized.zeros is not None else None
-        options = {"bits": bits, "layout": layout, "group_size": quantized.group_size, "in_features": K}
+        memo_key = (N, K, bits, group, str(device), seed)
+        if memo_key not in self._memo:        # decode and prefill share one quantized weight
+            weight = torch.randn(N, K, generator=generator) / math.sqrt(K)
+            quantized = quantize_rtn(weight.to(device), QuantScheme(bits, group, group is None))
+            layout = default_layout(bits)
+            self._memo.clear()
+            self._memo[memo_key] = (quantized.pack(layout).to(device), quantized.scales.to(device),
+                                    quantized.zeros.to(device) if quantized.zeros is not None else None,
+                                    quantized.group_size, quantized.codes.shape[1], layout)
+        packed, scales, zeros, group_size, padded, layout = self._memo[memo_key]
+        options = {"bits": bits, "layout": layout, "group_size": group_size, "in_features": K}
         x = torch.randn(M, K, generator=generator).to(device, dtype)
         reference = quantized_linear(x.double() if device.type == "cpu" else x.float(), packed, scales, zeros,
-                                     None, padded_features=quantized.codes.shape[1], **options)
+                                     None, padded_features=padded, **options)
 
         def run(candidate: Candidate):
             config = candidate.as_dict()
             if config["impl"] == "torch":
-                return lambda: quantized_linear(x, packed, scales, zeros, None,
-                                                padded_features=quantized.codes.shape[1], **options)
+                return lambda: quantized_linear(x, packed, scales, zeros, None, padded_features=padded, **options)
             tiles = KernelConfig(config["block_m"], config["block_n"], config["block_k"], config["split_k"],
                                  config["num_warps"], config["num_stages"])
             return lambda: quant_matmul(x, packed, scales, zeros, None, config=tiles, **options)

@@ -26,6 +26,7 @@ both medians, gain, whether the cache answered, and where the choice came from.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -37,7 +38,7 @@ from slimline.autotune.measure import CpuTimer, CudaTimer, Protocol, Timer, meas
 from slimline.autotune.space import H200, Candidate, DeviceLimits, KernelFamily, Problem, family
 from slimline.errors import ConfigError
 
-__all__ = ["KernelInstance", "TuneRecord", "tune", "TUNE_MODES", "DEFAULT_BUDGET_S", "report_rows"]
+__all__ = ["KernelInstance", "TuneRecord", "TuneResult", "tune", "TUNE_MODES", "DEFAULT_BUDGET_S", "report_rows"]
 
 TUNE_MODES = ("lite", "max", "cache", "off")
 DEFAULT_BUDGET_S = {"lite": 60.0, "max": 600.0, "cache": 0.0, "off": 0.0}
@@ -112,6 +113,12 @@ def _context(kind: str, mode: str, limits: DeviceLimits | None, device: torch.de
     return device, limits, cache
 
 
+class TuneResult(list):
+    """The records, in the instances' order, plus ``summary`` (times, counts, precompile)."""
+
+    summary: dict
+
+
 def _now() -> float:  # the tuner's clock (tests replace it)
     return time.time()
 
@@ -129,8 +136,16 @@ def _cached_candidate(fam: KernelFamily, entry: dict) -> Candidate:
 def tune(instances: Sequence[KernelInstance], mode: str = "lite", time_budget_s: float | None = None, *,
          limits: DeviceLimits | None = None, device: torch.device | str | None = None,
          cache: TuningCache | None = None, timer: Timer | None = None, protocol: Protocol = Protocol(),
-         min_share_s: float = 1.0, use_defaults: bool = True, write_cache: bool = True) -> list[TuneRecord]:
-    """Choose an implementation per instance (module doc); one record per instance, in order."""
+         min_share_s: float = 1.0, use_defaults: bool = True, write_cache: bool = True,
+         compile_workers: int | None = None, precompile_share: float = 0.5) -> TuneResult:
+    """Choose an implementation per instance (module doc); one record per instance, in order.
+
+    ``compile_workers`` (default: up to 12, by CPU count; 0: none) worker processes compile the
+    misses' Triton candidates first (:mod:`slimline.autotune.precompile`), for at most
+    ``precompile_share`` of the budget, when a GPU measures them.
+    """
+    tune_started = _now()
+    summary: dict = {"mode": mode, "budget_s": None, "precompile": None}
     if mode not in TUNE_MODES:
         raise ConfigError(f"unknown tune mode {mode!r}", stage="tune", where="tune(mode=...)",
                           hint=f"use one of: {', '.join(TUNE_MODES)}")
@@ -192,6 +207,19 @@ def tune(instances: Sequence[KernelInstance], mode: str = "lite", time_budget_s:
     if pending:
         timers: dict[str, Timer] = {}
         pending.sort(key=lambda item: -item[2])
+        workers = compile_workers if compile_workers is not None else min(12, max(0, (os.cpu_count() or 1) - 2))
+        gpu_pending = [item for item in pending if item[1]["family"].device_kind == "cuda"
+                       and context(item[1]["family"])[0].type == "cuda"]
+        if workers > 0 and gpu_pending and not _interpreting() and len(gpu_pending) > 1:
+            from slimline.autotune.precompile import precompile
+
+            jobs = []
+            for _, group, _, _, _ in gpu_pending:
+                fam, problem = group["family"], group["problem"]
+                for candidate in fam.candidates(problem, context(fam)[1], mode):
+                    if candidate.as_dict().get("impl") != "torch":
+                        jobs.append((fam.name, problem.params, candidate.label, candidate.config))
+            summary["precompile"] = precompile(jobs, workers, _now() + precompile_share * budget)
         remaining_weight = sum(item[2] for item in pending) or 1.0
         started = _now()
         to_store = {}
@@ -247,13 +275,17 @@ def tune(instances: Sequence[KernelInstance], mode: str = "lite", time_budget_s:
             for fam_cache, entries in to_store.values():
                 fam_cache.store_many(entries)
 
-    records = []
+    records = TuneResult()
     for instance in instances:
         fam = family(instance.problem.family)
         key = entry_key(fam.name, fam.kernel_hash(), fam.problem_key(instance.problem))
         shared = decided[key]
         records.append(TuneRecord(**{**shared.__dict__, "name": instance.name, "calls": instance.calls,
                                      "candidates": list(shared.candidates), "notes": list(shared.notes)}))
+    summary.update(budget_s=budget, seconds=_now() - tune_started, instances=len(instances), problems=len(groups),
+                   measured=sum(1 for r in decided.values() if r.source == "measured"),
+                   cache_hits=sum(1 for r in decided.values() if r.cache_hit))
+    records.summary = summary
     return records
 
 
