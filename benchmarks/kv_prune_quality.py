@@ -18,6 +18,11 @@ spread. Differences against StreamingLLM are paired per window (mean ± 1.96 sta
 
     python benchmarks/kv_prune_quality.py                   # gpt-small if its checkpoint is here, else gpt-tiny
     python benchmarks/kv_prune_quality.py --model gpt-tiny --windows 256
+    python benchmarks/kv_prune_quality.py --minutes 15      # as many batches of windows as fit in 15 min
+
+The windows run in a spread order (0, 32, 16, 48, 8, ... of 64), so the windows done when a
+``--minutes`` limit stops the run are still spread over the whole stream; the record says how
+many were scored.
 
 Writes benchmarks/results/kv_prune_quality_<model>.json and .md; prints the table last.
 """
@@ -52,24 +57,35 @@ def default_model() -> str:
 
 
 def windows_of(stream: bytes, length: int, count: int) -> torch.Tensor:
-    """(count, length) byte windows at evenly spaced, non-overlapping offsets."""
+    """(count, length) byte windows at evenly spaced, non-overlapping offsets, in :func:`spread_order`."""
     available = len(stream) // length
     count = min(count, available)
     stride = available // count
-    rows = [list(stream[i * stride * length:(i * stride) * length + length]) for i in range(count)]
+    rows = [list(stream[i * stride * length:(i * stride) * length + length]) for i in spread_order(count)]
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def spread_order(count: int) -> list[int]:
+    """0..count-1 ordered so that every prefix is spread out: 0, 4, 2, 6, 1, 5, 3, 7 for 8 (bit reversal)."""
+    bits = max(1, (count - 1).bit_length())
+    reversed_ = sorted(range(1 << bits), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+    return [i for i in reversed_ if i < count]
+
+
 @torch.no_grad()
-def teacher_forced_all(model, windows: torch.Tensor, prompt: int, steps: int, configs: dict, batch: int) -> dict:
-    """For every named kv_prune config: scored logits (W, N, V) float32 and mean session stats.
+def teacher_forced_all(model, windows: torch.Tensor, prompt: int, steps: int, configs: dict, batch: int,
+                       deadline: float | None = None) -> dict:
+    """For every named kv_prune config: scored logits (W', N, V) float32 and mean session stats.
 
     Per batch of windows, one shared prefill (``prefill_together``: each policy scores the same
-    prompt attention as in its own prefill), then N teacher-forced decode steps per config.
+    prompt attention as in its own prefill), then N teacher-forced decode steps per config. No
+    new batch starts after ``deadline`` (time.time()); W' counts the windows done (at least one batch).
     """
     logits = {name: [] for name in configs}
     stats = {name: [] for name in configs}
     for start in range(0, len(windows), batch):
+        if deadline is not None and start > 0 and time.time() > deadline:
+            break
         began = time.time()
         rows = windows[start:start + batch]
         sessions = {name: DecodeSession(model, config, steps=steps) for name, config in configs.items()}
@@ -130,6 +146,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="Keyformer Gumbel-noise seeds (default 3 tiny, 2 small)")
     parser.add_argument("--window", type=float, default=0.3, help="recent window, fraction of the budget")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no new batch of windows after this many minutes (the record says how many ran)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
@@ -139,10 +157,9 @@ def main() -> None:
     context = model.config.context_length
     prompt, steps = context * 3 // 4, context // 4
     count = args.windows or (512 if name == "gpt-tiny" else 64)
-    batch = args.batch or (64 if name == "gpt-tiny" else 16)
-    args.seeds = args.seeds or (3 if name == "gpt-tiny" else 2)
+    batch = args.batch or (64 if name == "gpt-tiny" else 8)
+    args.seeds = args.seeds or (3 if name == "gpt-tiny" else 1)
     windows = windows_of(held_out_text(), context + 1, count)  # positions 0..context-1, + the last target
-    targets = windows[:, prompt + 1:]  # (W, N): decode step i feeds byte prompt + i, predicts prompt + i + 1
     started = time.time()
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = args.policies.split(",")
@@ -152,7 +169,10 @@ def main() -> None:
             for seed in (range(args.seeds) if policy == "keyformer" else [0]):
                 configs[(policy, budget, seed)] = {"policy": policy, "budget": budget, "window": args.window,
                                                    "seed": seed}
-    runs = teacher_forced_all(model, windows, prompt, steps, configs, batch)
+    deadline = None if args.minutes is None else started + 60 * args.minutes
+    runs = teacher_forced_all(model, windows, prompt, steps, configs, batch, deadline)
+    windows = windows[:len(runs[("full", 1.0, 0)][0])]  # the windows done
+    targets = windows[:, prompt + 1:]  # (W, N): decode step i feeds byte prompt + i, predicts prompt + i + 1
 
     full_logits = runs[("full", 1.0, 0)][0]
     # the decode loop's full cache against the model run on whole sequences: the harness itself
@@ -212,7 +232,9 @@ def main() -> None:
         "model": name, "checkpoint_sha256": card["checkpoint"]["sha256"],
         "model_validation_bits_per_byte": card.get("metrics", {}).get("validation_bits_per_byte"),
         "data": f"{python_version()} stdlib validation stream, {len(windows)} windows of {context} bytes "
-                f"(evenly spaced), sha256 {hashlib.sha256(held_out_text()).hexdigest()[:16]}",
+                f"(the first {len(windows)} in spread order of {count} evenly spaced), "
+                f"sha256 {hashlib.sha256(held_out_text()).hexdigest()[:16]}",
+        "windows_scored": len(windows), "windows_planned": count, "minutes_limit": args.minutes,
         "held_out_matches_card": hashlib.sha256(held_out_text()).hexdigest() == card["corpus"]["sha256_validation"],
         "protocol": {"prompt_bytes": prompt, "scored_bytes_per_window": steps, "scored_bytes": targets.numel(),
                      "window": args.window, "streaming_sinks": 4, "keyformer_tau": [1.0, 2.0],
@@ -232,8 +254,9 @@ def main() -> None:
     table = markdown_table(rows, full)
     lines = [f"# KV-cache pruning quality on {name}", "",
              f"{record['data']}; prompt {prompt} bytes (full attention), then {steps} bytes teacher-forced "
-             f"through the pruned cache and scored ({targets.numel():,} bytes). Keyformer: mean of "
-             f"{args.seeds} Gumbel seeds (± half the range). Window {args.window:.0%} of the budget for "
+             f"through the pruned cache and scored ({targets.numel():,} bytes). Keyformer: "
+             + (f"mean of {args.seeds} Gumbel seeds (± half the range)" if args.seeds > 1 else "Gumbel seed 0")
+             + f". Window {args.window:.0%} of the budget for "
              f"Keyformer and H2O; StreamingLLM: 4 sinks + recent. KV bytes and keys read are relative to a "
              f"full cache over the same tokens. {record['date'][:10]}, {record['device']}, "
              f"torch {torch.__version__}.", "", table, "",

@@ -32,3 +32,10 @@ class EvictionPolicy:
     def rank(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Higher = keep. Default: the accumulated score."""
         return scores
+
+    def prompt_key(self) -> tuple | None:
+        """Equal keys = equal prompt weights from the same logits (one prefill may score for both); None: unique."""
+        return None
+
+    def after_shared_prompt(self, leader: "EvictionPolicy") -> None:
+        """Take over whatever state scoring the prompt left in ``leader`` (as if this policy had scored it)."""

@@ -21,3 +21,6 @@ class H2O(EvictionPolicy):
 
     def weights(self, logits_K: torch.Tensor, step: int) -> torch.Tensor:
         return torch.softmax(logits_K.float(), dim=-1)
+
+    def prompt_key(self) -> tuple:
+        return (self.name,)

@@ -29,6 +29,7 @@ class Keyformer(EvictionPolicy):
 
     def __init__(self, temperature: Callable[[int], float], seed: int, device: torch.device):
         self.temperature = temperature  # step -> τ
+        self.seed = seed
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def gumbel_noise(self, like: torch.Tensor) -> torch.Tensor:
@@ -39,3 +40,9 @@ class Keyformer(EvictionPolicy):
     def weights(self, logits_K: torch.Tensor, step: int) -> torch.Tensor:
         noisy = logits_K.float() + self.gumbel_noise(logits_K)  # -inf stays -inf
         return torch.softmax(noisy / self.temperature(step), dim=-1)
+
+    def prompt_key(self) -> tuple:
+        return (self.name, self.seed, self.temperature(0), self.generator.device.type)
+
+    def after_shared_prompt(self, leader: EvictionPolicy) -> None:
+        self.generator.set_state(leader.generator.get_state())  # the noise the prompt drew, drawn

@@ -60,6 +60,7 @@ class DecodeSession:
         self.step_index = 0
         self.stats: dict[str, Any] = {}
         self._prompt_scores: torch.Tensor | None = None
+        self._prompt_leader: DecodeSession | None = None
 
     @property
     def pruning(self) -> bool:
@@ -70,20 +71,34 @@ class DecodeSession:
         """Run the prompt (B, P); return the last position's logits (B, V) (all: (B, P, V))."""
         return prefill_together([self], idx, all_logits)
 
-    def _begin(self, B: int, P: int):
-        """Plan and policy for a prompt of P tokens; returns this session's prefill observer or None."""
+    def _begin(self, B: int, P: int, shared: dict | None = None):
+        """Plan and policy for a prompt of P tokens; returns this session's prefill observer or None.
+
+        ``shared`` maps a policy's :meth:`~slimline.kv.base.EvictionPolicy.prompt_key` to the session
+        already scoring the prompt that way: a session whose policy would compute the same prompt
+        weights shares that session's scores (and, after the prefill, its policy state) and
+        observes nothing itself.
+        """
         if self.cache is not None:
             raise InputError("this session already has a prompt", stage="generate", where="DecodeSession.prefill",
                              hint="start a new DecodeSession per prompt")
         adapter = self.adapter
         adapter.check_length(P + self.steps)
         self._prompt_scores = None
+        self._prompt_leader = None
         if self.config is None:
             return None
         self.plan = make_plan(self.config, P, self.steps)
         self.policy = make_policy(self.plan, adapter.device)
         if not self.policy.needs_attention:
             return None
+        key = self.policy.prompt_key()
+        if shared is not None and key is not None:
+            if key in shared:
+                self._prompt_leader = shared[key]
+                self._prompt_scores = shared[key]._prompt_scores  # read-only here: the cache copies it
+                return None
+            shared[key] = self
         scores = torch.zeros(adapter.n_layer, B, adapter.n_kv_head, P, dtype=torch.float32, device=adapter.device)
         self._prompt_scores = scores
 
@@ -105,7 +120,9 @@ class DecodeSession:
                 protected = protected_slots(positions, P - 1, self.plan.window(size), self.plan.sinks)
                 keep = keep_indices(rank, protected, size)  # (L, B, Hkv, size)
         self.cache = CompactKVCache.from_prompt(keys, values, scores, keep, capacity)
-        self._prompt_scores = None
+        if self._prompt_leader is not None:
+            self.policy.after_shared_prompt(self._prompt_leader.policy)
+        self._prompt_scores = self._prompt_leader = None
         self.seen = P
         full_bytes = keys.element_size() * keys[:, :, :, :1].numel() * 2 * (P + self.steps)
         self.stats = {"policy": self.config.policy if self.config else "full", "prompt_tokens": P,
@@ -162,6 +179,8 @@ def prefill_together(sessions: list[DecodeSession], idx: torch.Tensor, all_logit
 
     Each session's policy observes the same attention logits, in the same order, as it would in
     its own prefill (so Keyformer's noise draws are the same too); each then keeps its own budget.
+    Sessions whose policies would weigh the prompt identically (H2O at any budget; Keyformer with
+    the same seed and starting temperature) share one scoring of it.
     For comparing policies on one prompt at the cost of one prefill. Returns the logits as
     :meth:`DecodeSession.prefill` does.
     """
@@ -170,7 +189,9 @@ def prefill_together(sessions: list[DecodeSession], idx: torch.Tensor, all_logit
         raise InputError("prefill_together needs sessions of one model", stage="generate",
                          where="prefill_together", hint="group sessions by model")
     B, P = idx.shape
-    observers = [observer for observer in (session._begin(B, P) for session in sessions) if observer is not None]
+    shared: dict = {}
+    observers = [session._begin(B, P, shared) for session in sessions]
+    observers = [observer for observer in observers if observer is not None]
 
     def observe(layer: int, logits: torch.Tensor) -> None:
         for observer in observers:

@@ -170,8 +170,9 @@ def test_the_full_cache_matches_the_model_run_on_the_whole_sequence(gpt, text):
 
 
 def masked_full_cache_logits(gpt, text, keep_mask: torch.Tensor) -> torch.Tensor:
-    """The GPT's own blocks over its position-indexed static cache; keys where keep_mask (N, Tk) is
-    False masked to -inf at decode step i. Returns (B, N, V) teacher-forced logits."""
+    """The GPT's own blocks over its position-indexed static cache; keys where keep_mask (N, Tk), or
+    per layer and head (N, L, B, H, Tk), is False masked to -inf at decode step i. Returns (B, N, V)
+    teacher-forced logits."""
     k_cache, v_cache = gpt.new_kv_cache(text.shape[0])
     _, k_cache, v_cache = gpt.forward_with_cache(text[:, :PROMPT], torch.arange(PROMPT), k_cache, v_cache)
     outputs = []
@@ -180,10 +181,11 @@ def masked_full_cache_logits(gpt, text, keep_mask: torch.Tensor) -> torch.Tensor
         x = gpt.token_embedding(text[:, PROMPT + i:PROMPT + i + 1])
         cos, sin = gpt.rope_cos[position], gpt.rope_sin[position]
         bias = causal_bias(position, torch.arange(k_cache.shape[3]), x.dtype)  # (1, Tm)
-        bias = bias.masked_fill(~keep_mask[i, None, : k_cache.shape[3]], float("-inf"))
         keys, values = [], []
         for layer, block in enumerate(gpt.blocks):
-            x, k, v = block(x, cos, sin, bias, position, k_cache[layer], v_cache[layer])
+            keep = keep_mask[i, None] if keep_mask.dim() == 2 else keep_mask[i, layer, :, :, None]  # (.., 1, Tk)
+            layer_bias = bias.masked_fill(~keep[..., : k_cache.shape[3]], float("-inf"))
+            x, k, v = block(x, cos, sin, layer_bias, position, k_cache[layer], v_cache[layer])
             keys.append(k)
             values.append(v)
         k_cache, v_cache = torch.stack(keys), torch.stack(values)
@@ -205,6 +207,28 @@ def test_streaming_pruned_cache_equals_the_masked_full_cache_at_every_step(gpt, 
     reference = masked_full_cache_logits(gpt, text, keep)
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits, teacher_forced(gpt, text, None)[0], atol=1e-3)  # pruning did act
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["keyformer", "h2o"])
+def test_scored_pruned_cache_equals_the_per_head_masked_full_cache(gpt, text, policy):
+    """Keyformer and H2O leave different gaps in every layer and head: each key keeps its own rotary
+    position, so the compact cache computes what the full cache does with the evicted keys masked."""
+    session = DecodeSession(gpt, {"policy": policy, "budget": 0.3}, steps=STEPS)
+    session.prefill(text[:, :PROMPT])
+    L, B, H = session.cache.positions.shape[:3]
+    keep = torch.zeros(STEPS, L, B, H, gpt.config.context_length + 1, dtype=torch.bool)
+    logits = []
+    for i in range(STEPS):
+        held = session.cache.positions[..., : session.cache.filled]  # (L, B, H, S), -1 = the freed slot
+        keep[i].scatter_(-1, held.clamp(min=-1) % keep.shape[-1], True)  # -1 lands in the spare last column
+        keep[i, ..., PROMPT + i] = True  # the token being decoded
+        logits.append(session.step(text[:, PROMPT + i:PROMPT + i + 1]))
+    keep = keep[..., :-1]
+    gaps = keep[-1, ..., :PROMPT].float().mean(-1)  # (L, B, H) share of the prompt kept at the end
+    assert gaps.max() < 0.5 and not torch.equal(keep[-1, 0, 0, 0], keep[-1, 0, 0, 1])  # pruned, per head
+    reference = masked_full_cache_logits(gpt, text, keep)
+    torch.testing.assert_close(torch.stack(logits, dim=1), reference, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
@@ -237,15 +261,21 @@ def test_keyformer_is_seeded_and_its_noise_changes_the_choice(gpt, text):
 def test_one_shared_prefill_serves_several_policies_exactly(gpt, text):
     from slimline.kv.session import prefill_together
 
-    configs = [None, {"budget": 0.3, "seed": 5}, {"policy": "h2o", "budget": 0.5}, {"policy": "streaming", "budget": 0.3}]
+    # Keyformer seed 5 and H2O appear twice: the second of each shares the first's prompt scores
+    configs = [None, {"budget": 0.3, "seed": 5}, {"policy": "h2o", "budget": 0.5}, {"policy": "streaming", "budget": 0.3},
+               {"budget": 0.5, "seed": 5, "window": 0.5}, {"policy": "h2o", "budget": 0.3}, {"budget": 0.3, "seed": 6}]
     together = [DecodeSession(gpt, config, steps=2) for config in configs]
     prefill_together(together, text[:, :PROMPT])
+    assert [session._prompt_leader for session in together] == [None] * 7  # released after the prefill
     for config, shared in zip(configs, together):
         alone = DecodeSession(gpt, config, steps=2)
         alone.prefill(text[:, :PROMPT])
         assert torch.equal(shared.kept_positions(), alone.kept_positions())
-        token = text[:, PROMPT:PROMPT + 1]
-        assert torch.equal(shared.step(token), alone.step(token))
+        assert torch.equal(shared.cache.scores, alone.cache.scores)
+        for i in range(2):  # the second step draws Keyformer noise after the prompt's: the same draws
+            token = text[:, PROMPT + i:PROMPT + i + 1]
+            assert torch.equal(shared.step(token), alone.step(token))
+            assert torch.equal(shared.cache.scores, alone.cache.scores)
 
 
 # ---------------------------------------------------------------------------------------------
