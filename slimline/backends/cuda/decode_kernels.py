@@ -69,11 +69,12 @@ class GemvConfig:
 # Candidates measured per weight shape on the device (slimline.backends.cuda.decoder tunes them);
 # rows x slice sizes between 8 KB and 32 KB of bf16 weights per loop trip.
 GEMV_CANDIDATES = (
+    GemvConfig(2, 2048, 4),
     GemvConfig(4, 1024, 4),
+    GemvConfig(4, 2048, 8),
     GemvConfig(8, 512, 4),
     GemvConfig(8, 1024, 8),
     GemvConfig(16, 512, 8),
-    GemvConfig(2, 2048, 4),
 )
 DEFAULT_GEMV = GemvConfig(8, 512, 4)
 
