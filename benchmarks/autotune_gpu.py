@@ -122,6 +122,19 @@ def main() -> int:
     if missed:
         failures.append(f"warm run missed the cache on problems the cold run measured: {missed}")
     warm_measured = sum(1 for r in warm if not r.cache_hit)   # left unmeasured cold: tuned now
+    out = options.out or str(Path(__file__).resolve().parent / "results" /
+                             ("autotune_smoke.json" if options.smoke else "autotune_gpu.json"))
+    header = {"benchmark": "autotune_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "device": device_info, "versions": versions(), "smoke": options.smoke,
+              "options": {"budget": options.budget, "max_budget": options.max_budget, "protocol": protocol.__dict__}}
+    partial = {"cold_lite_s": cold_s, "warm_lite_s": warm_s, "warm_misses_tuned": warm_measured,
+               "lite_summary": lite.summary, "warm_summary": warm.summary}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(header, summary=partial, failures=failures, partial=True,
+                                         rows=[r.to_json() for r in lite]), indent=1, default=str) + "\n")
+    if options.defaults_out:  # a first defaults file now, in case the max run does not finish
+        cold_cache.export_defaults(Path(options.defaults_out) / f"{limits.fingerprint.slug}.json")
+    print(f"lite: cold {cold_s:.1f} s, warm {warm_s:.2f} s (partial results in {out})", flush=True)
     max_cache = TuningCache(limits.fingerprint, scratch / "max", defaults_dir=None)
     started = time.time()
     wide = tune(work, "max", options.max_budget, cache=max_cache, use_defaults=False, protocol=protocol,
@@ -153,12 +166,12 @@ def main() -> int:
             "lite_candidates": small.candidates, "max_candidates": big.candidates})
     compared = [r for r in rows if r["ratio_lite_to_max_best"] is not None]
     within = [r for r in compared if r["ratio_lite_to_max_best"] <= 1.05]
-    summary = {"cold_lite_s": cold_s, "warm_lite_s": warm_s, "warm_misses_tuned": warm_measured, "max_s": max_s, "problems": len(rows),
+    summary = {**partial, "max_s": max_s, "problems": len(rows),
                "compared": len(compared), "within_5pct": len(within),
                "fraction_within_5pct": len(within) / len(compared) if compared else None,
                "target_cold_le_60s": cold_s <= 60.0, "target_warm_le_5s": warm_s <= 5.0,
                "target_within_5pct_on_90pct": bool(compared) and len(within) >= 0.9 * len(rows),
-               "lite_summary": lite.summary, "warm_summary": warm.summary, "max_summary": wide.summary}
+               "max_summary": wide.summary}
 
     # the shipped defaults: per problem the faster of the lite pick and the max run's winner
     defaults = TuningCache(limits.fingerprint, scratch / "defaults", defaults_dir=None)
@@ -189,13 +202,7 @@ def main() -> int:
     for failure in failures:
         print("FAIL:", failure)
 
-    result = {"benchmark": "autotune_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": device_info, "versions": versions(), "smoke": options.smoke,
-              "options": {"budget": options.budget, "max_budget": options.max_budget, "protocol": protocol.__dict__},
-              "summary": summary, "failures": failures, "rows": rows}
-    out = options.out or str(Path(__file__).resolve().parent / "results" /
-                             ("autotune_smoke.json" if options.smoke else "autotune_gpu.json"))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    result = dict(header, summary=summary, failures=failures, partial=False, rows=rows)
     Path(out).write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {out}")
     return 1 if failures else 0

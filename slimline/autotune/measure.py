@@ -9,8 +9,13 @@ For one problem and its candidates (the incumbent first):
    the output's size just before, so an unwritten element shows), against the reference, by
    ``‖y − ref‖ / ‖ref‖`` ≤ the workload's tolerance. A wrong or failing candidate is reported with
    its reason and never timed.
-3. **Timing**: CUDA events around each call with an L2 flush (a write of 1.25 × L2 bytes) before
-   it, outside the events. A kernel under ``graph_below_ms`` (20 µs) is timed through CUDA graphs
+3. **Timing**: CUDA events around each call with an L2 flush before it, outside the events (a
+   write of 1.25 × L2 bytes, then a read of as many, so no dirty line is left for the timed call
+   to write back). Each round first queues ``warmup_ms`` of GPU work (the clocks ramp up
+   from idle; they are read, never set) and then samples the candidates interleaved (sample i of
+   each, then sample i + 1), so drift hits all alike; one synchronisation per round. The queued
+   work also keeps the GPU ahead of the CPU while a round is enqueued, so the events time the
+   GPU's work, not the host's launch latency. A kernel under ``graph_below_ms`` (20 µs) is timed through CUDA graphs
    instead, launch gaps removed: a graph of ``R × (flush, call)`` against a graph of ``R × flush``,
    replayed alternately, per-call time = the difference / R. On the CPU ``time.perf_counter``.
 4. **Successive halving**: every survivor gets ``first_samples`` samples; the faster half (by
@@ -46,6 +51,7 @@ class Protocol:
     max_samples: int = 40
     graph_below_ms: float = 0.020
     graph_calls: int = 10           # calls per graph replay
+    warmup_ms: float = 20.0         # GPU work queued before each timed round (clocks ramp up from idle)
     min_gain: float = 0.01          # a challenger must beat the incumbent by this much, at least
     flush_factor: float = 1.25      # L2 flush writes this many times the L2 size
     compile_workers: int = 8
@@ -60,6 +66,10 @@ class Timer:
 
     def samples(self, function: Callable[[], object], count: int) -> list[float]:
         raise NotImplementedError
+
+    def samples_round(self, functions: Sequence[Callable[[], object]], count: int) -> list[list[float]]:
+        """``count`` samples of each function (a GPU timer interleaves them in one batch)."""
+        return [self.samples(function, count) for function in functions]
 
     def release(self, function: Callable[[], object]) -> None:
         pass
@@ -84,12 +94,30 @@ class CudaTimer(Timer):
         self.device = device or torch.device("cuda", torch.cuda.current_device())
         size = int(l2_bytes * protocol.flush_factor) // 4
         self.flush_buffer = torch.empty(size, dtype=torch.float32, device=self.device)
+        self.clean_buffer = torch.ones(size, dtype=torch.float32, device=self.device)
         self._graphs: dict[int, tuple] = {}
         self._flush_graph = None
         self.graph_failures: list[str] = []
+        self._flush()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            self._flush()
+        end.record()
+        torch.cuda.synchronize(self.device)
+        self.flush_ms = max(start.elapsed_time(end) / 20, 1e-3)
 
     def _flush(self) -> None:
+        """Write more than L2 holds, then read as much: L2 ends holding clean lines of neither
+        input, so the timed call pays no write-back of the flush's dirty lines."""
         self.flush_buffer.fill_(1.0)
+        self.clean_buffer.amax()
+
+    def _spin(self, milliseconds: float) -> None:
+        """Queue about ``milliseconds`` of memory-bound work, so the timed calls run at speed."""
+        for _ in range(max(1, min(2000, int(milliseconds / self.flush_ms)))):
+            self._flush()
 
     def _event_samples(self, function, count) -> list[float]:
         pairs = []
@@ -118,6 +146,7 @@ class CudaTimer(Timer):
 
     def prepare(self, function) -> None:
         """Time a few plain calls; a short kernel gets its graphs captured now."""
+        self._spin(self.protocol.warmup_ms / 4)
         quick = statistics.median(self._event_samples(function, 3))
         if quick >= self.protocol.graph_below_ms:
             return
@@ -153,6 +182,44 @@ class CudaTimer(Timer):
         times = [s.elapsed_time(e) for s, e in events]
         calls = self.protocol.graph_calls
         return [max(times[i + 1] - times[i], 0.0) / calls for i in range(0, len(times), 2)]
+
+    def samples_round(self, functions, count):
+        """Interleaved: sample i of every function, then sample i + 1; one sync at the end."""
+        self._spin(self.protocol.warmup_ms)
+        calls = self.protocol.graph_calls
+        pending: list[list[tuple]] = [[] for _ in functions]
+        for _ in range(count):
+            for slot, function in enumerate(functions):
+                found = self._graphs.get(id(function))
+                if found is None:
+                    self._flush()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    function()
+                    end.record()
+                    pending[slot].append(("event", start, end))
+                    continue
+                marks = []
+                for replayed in (self._flush_graph, found[0]):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    replayed.replay()
+                    end.record()
+                    marks.append((start, end))
+                pending[slot].append(("graph", *marks))
+        torch.cuda.synchronize(self.device)
+        results = []
+        for marks in pending:
+            found = []
+            for mark in marks:
+                if mark[0] == "event":
+                    found.append(mark[1].elapsed_time(mark[2]))
+                else:
+                    flush_only = mark[1][0].elapsed_time(mark[1][1])
+                    with_calls = mark[2][0].elapsed_time(mark[2][1])
+                    found.append(max(with_calls - flush_only, 0.0) / calls)
+            results.append(found)
+        return results
 
     def release(self, function) -> None:
         self._graphs.pop(id(function), None)
@@ -288,8 +355,8 @@ def measure(workload: Workload, candidates: Sequence[Candidate], timer: Timer, *
     alive = list(functions)
     count = protocol.first_samples
     while alive:
-        for index in alive:
-            samples.setdefault(index, []).extend(timer.samples(functions[index], count))
+        for index, found in zip(alive, timer.samples_round([functions[i] for i in alive], count)):
+            samples.setdefault(index, []).extend(found)
         if count >= protocol.max_samples or (deadline is not None and time.time() > deadline):
             break
         ranked = sorted(alive, key=lambda i: summarize(samples[i])[0])

@@ -525,15 +525,20 @@ class QuantMatmul(KernelFamily):
         fill = max(tiles / (waves * slots), 0.05)
         # dequantising costs ALU per weight element and tile: small tiles re-dequantise per M tile
         efficiency = min(1.0, block_m / 128) ** 0.5 * min(1.0, block_n / 128) ** 0.5 * 0.6
+        per_thread = block_n * block_k / (warps * 32)      # codes unpacked in registers
+        efficiency *= min(1.0, 64 / per_thread) ** 0.5 * min(1.0, stages / 3)
         compute = flops / (limits.peak_tflops * 1e9 * efficiency * fill)
         memory = (moved + 4 * M * N * (split - 1)) / (limits.bandwidth_gbps * 1e6 * min(1.0, 2 * fill))
         steps = math.ceil(K / (split * block_k))            # serial K steps per program: latency
-        return max(compute, memory) + steps * 0.0004 + 0.003 * (split > 1)
+        # too many codes per thread spill or stall on the unpacking; too few leave loads narrow
+        spill = max(1.0, per_thread / 64) if M <= 16 else 1.0
+        return max(compute, memory) * spill + steps * 0.0004 + 0.003 * (split > 1)
 
     def candidates(self, problem, limits, mode="lite"):
         count = self.LITE - 1 if mode == "lite" else self.MAX - 1
         chosen = _rank_and_cut(self.legal(problem, limits), count,
-                               lambda c: (c.as_dict()["block_n"], c.as_dict()["split_k"], c.as_dict()["block_m"]))
+                               lambda c: (c.as_dict()["block_n"], c.as_dict()["split_k"], c.as_dict()["block_m"],
+                                          c.as_dict()["block_k"]))
         return [self.incumbent(problem, limits)] + chosen
 
     def perf_model_pick(self, problem, limits):
