@@ -72,7 +72,7 @@ import triton.language as tl
 from slimline.monarch.projection import MonarchShape
 
 __all__ = ["KernelConfig", "MonarchKernel", "VARIANTS", "candidate_configs", "local_search",
-           "check_config", "compile_for_target", "pack_weights", "relative_error", "interpreting",
+           "autotune_timer", "cached_config", "check_config", "compile_for_target", "pack_weights", "relative_error", "interpreting",
            "SPIN_LIMIT"]
 
 VARIANTS = ("splitk", "phased", "stages", "hybrid")
@@ -731,17 +731,21 @@ def _spread(configs: list[KernelConfig], limit: int) -> list[KernelConfig]:
 
 def local_search(kernel: MonarchKernel, x: torch.Tensor, configs: list[KernelConfig],
                  reference: torch.Tensor, tolerance: float,
-                 timer: Callable[[KernelConfig], float], deadline: float | None = None) -> list[dict]:
+                 timer: Callable[[KernelConfig], float] | None = None,
+                 deadline: float | None = None) -> list[dict]:
     """Check then time each config; returns one row per config, fastest correct first.
 
     ``timer(config)`` returns a time in ms (the benchmark times the config over rotating weight
-    copies in a CUDA graph). A config that fails to compile, to launch or its check is reported
+    copies in a CUDA graph); without one, :func:`autotune_timer` times it with the autotuner's
+    protocol (L2 flushed, CUDA graph, median). A config that fails to compile, to launch or its check is reported
     with the reason, and never timed. The output is poisoned (NaN) before the check, so an
     unwritten element fails it. Past ``deadline`` (``time.time()``), once one config has passed,
     the rest are not tried (compiling is what takes the time).
     """
     import time
 
+    if timer is None:
+        timer = autotune_timer(kernel, x)
     rows = []
     for config in configs:
         row: dict = {"config": config.label(), "variant": config.variant, "ok": False}
@@ -767,6 +771,47 @@ def local_search(kernel: MonarchKernel, x: torch.Tensor, configs: list[KernelCon
         rows.append(row)
     rows.sort(key=lambda r: (not r["ok"], r.get("ms", math.inf)))
     return rows
+
+
+def autotune_timer(kernel: MonarchKernel, x: torch.Tensor, samples: int = 20) -> Callable[[KernelConfig], float]:
+    """``timer(config)`` in ms by the autotuner's protocol (:mod:`slimline.autotune.measure`):
+    CUDA events after an L2 flush, CUDA graphs for short calls, the median; one wall-clock call
+    under the interpreter (it checks a search, not speed)."""
+    from slimline.autotune.measure import CpuTimer, CudaTimer, Protocol, summarize
+
+    gpu = x.device.type == "cuda" and not interpreting()
+    if gpu:
+        from slimline.autotune.space import DeviceLimits
+        measurer = CudaTimer(DeviceLimits.from_torch(x.device).l2_bytes, Protocol(), x.device)
+    else:
+        measurer, samples = CpuTimer(), 1
+    out = torch.empty(x.reshape(-1, x.shape[-1]).shape[0], kernel.shape.out_features, dtype=x.dtype,
+                      device=x.device)
+
+    def timer(config: KernelConfig) -> float:
+        call = lambda: kernel(x, config, out=out)  # noqa: E731
+        measurer.prepare(call)
+        try:
+            return summarize(measurer.samples_round([call], samples)[0])[0]
+        finally:
+            measurer.release(call)
+
+    return timer
+
+
+def cached_config(shape: MonarchShape, rows: int, dtype: str = "bf16", mode: str = "cache") -> KernelConfig | None:
+    """The autotuner's pick for this layer and row count, or None when the plain torch form
+    (two bmm) is the pick. ``mode="cache"``: its cache, the shipped defaults, else its model's
+    pick; never measures, no GPU needed. (A shape whose slab rank is not the automatic one is
+    looked up with that rank.)"""
+    from slimline.autotune import KernelInstance, Problem, tune
+
+    problem = Problem.make("monarch_matmul", M=rows, K=shape.in_features, N=shape.out_features,
+                           nblocks=shape.nblocks, slab_rank=shape.slab_rank, dtype=dtype)
+    record = tune([KernelInstance("monarch", problem)], mode)[0]
+    if record.config.get("impl") != "triton":
+        return None
+    return KernelConfig(**{k: v for k, v in record.config.items() if k != "impl"})
 
 
 def relative_error(reference: torch.Tensor, actual: torch.Tensor) -> float:

@@ -14,7 +14,8 @@ that hold it (each word once per code it holds: the same cache line, so DRAM tra
 packed bytes), shifted and masked in registers, scaled, cast to ``x``'s dtype and fed to
 ``tl.dot`` with fp32 accumulation.
 
-Two regimes, one kernel body, different tiles (:func:`candidate_configs`):
+Two regimes, one kernel body, different tiles (:func:`candidate_configs`, derived by the
+autotuner from the device's limits; :func:`cached_config` answers from its cache):
 
 ``gemv`` (decode, M ≤ 16): BLOCK_M = 16 rows of x (masked), narrow BLOCK_N, long BLOCK_K, and
     optional SPLIT_K: split programs write fp32 partials ``(SPLIT_K, M, N)``, summed by one small
@@ -39,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["KernelConfig", "quant_matmul", "candidate_configs", "local_search", "interpreting",
-           "compile_for_target", "GEMV_MAX_M"]
+__all__ = ["KernelConfig", "quant_matmul", "candidate_configs", "cached_config", "local_search",
+           "interpreting", "compile_for_target", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 16
 
@@ -169,27 +170,50 @@ def _scale_mode(group: int, in_features: int, block_k: int) -> int:
     return 2
 
 
-def candidate_configs(m: int, n: int, k: int, bits: int) -> list[KernelConfig]:
-    """The lite search space for one shape: about ten configs that can run."""
-    if m <= GEMV_MAX_M:
-        configs = []
-        for block_n in (16, 32, 64):
-            for block_k in (128, 256, 512):
-                for split_k in (1, 2, 4):
-                    tiles = -(-n // block_n) * split_k
-                    if block_k * split_k > max(k, 128) * 2 or tiles < 32 and split_k == 1 and n > 1024:
-                        continue
-                    configs.append(KernelConfig(16, block_n, block_k, split_k, 4, 3))
-        # fewest programs that still fill a GPU first, then the rest
-        configs.sort(key=lambda c: (abs(-(-n // c.block_n) * c.split_k - 264), -c.block_k))
-        return configs[:10]
-    configs = [KernelConfig(bm, bn, bk, 1, warps, stages)
-               for bm, bn, bk, warps, stages in ((64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                                                 (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
-                                                 (128, 128, 32, 8, 4), (64, 256, 32, 8, 3),
-                                                 (128, 256, 64, 8, 3), (32, 64, 128, 4, 3))
-               if bm <= max(16, triton.next_power_of_2(m))]
-    return configs or [KernelConfig(16, 64, 64)]
+def candidate_configs(m: int, n: int, k: int, bits: int, group: int = 128, limits=None,
+                      mode: str = "lite") -> list[KernelConfig]:
+    """The lite search space for one shape: about ten configs that can run.
+
+    Derived by the autotuner (:class:`slimline.autotune.space.QuantMatmul`) from the device's
+    limits (``limits``; default: this GPU, or the fixed H200 description without one): shared
+    memory, registers per thread, enough programs to fill the SMs, split-K only for GEMV rows.
+    """
+    from slimline.autotune.space import Problem, family
+
+    problem = Problem.make("quant_matmul", M=m, N=n, K=k, bits=bits, group=group, dtype="bf16")
+    found = family("quant_matmul").candidates(problem, _limits(limits), mode)
+    configs = [_from_autotune(c.as_dict()) for c in found if c.as_dict().get("impl") == "triton"]
+    return configs or [_default_config(m, n, k, bits)]
+
+
+def _limits(limits=None):
+    from slimline.autotune.space import H200, DeviceLimits
+
+    if limits is not None:
+        return limits
+    return DeviceLimits.from_torch() if torch.cuda.is_available() else H200
+
+
+def _from_autotune(config: dict) -> KernelConfig:
+    return KernelConfig(config["block_m"], config["block_n"], config["block_k"], config["split_k"],
+                        config["num_warps"], config["num_stages"])
+
+
+def cached_config(m: int, n: int, k: int, bits: int, group: int = 128, dtype: str = "bf16",
+                  mode: str = "cache") -> KernelConfig:
+    """The autotuner's pick for this shape: its cache, the shipped defaults, else its model's.
+
+    ``mode="cache"`` never measures (no GPU needed). When the pick is the torch form (dequantize
+    + matmul), the model's best Triton config is returned: a caller asking for the kernel gets one.
+    """
+    from slimline.autotune import KernelInstance, Problem, tune
+    from slimline.autotune.space import family
+
+    problem = Problem.make("quant_matmul", M=m, N=n, K=k, bits=bits, group=group, dtype=dtype)
+    record = tune([KernelInstance("quant_matmul", problem)], mode)[0]
+    if record.config.get("impl") == "triton":
+        return _from_autotune(record.config)
+    return _from_autotune(family("quant_matmul").perf_model_pick(problem, _limits()).as_dict())
 
 
 def _default_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
@@ -237,47 +261,46 @@ def local_search(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bias: torch.Tensor | None, *, bits: int, layout: str,
                  group_size: int, in_features: int, reference: torch.Tensor | None = None,
                  rtol: float = 2e-2) -> tuple[KernelConfig, list[dict]]:
-    """Measure every candidate config (GPU); the fastest that is correct, and every timing.
+    """Measure every candidate config; the fastest that is correct, and every timing.
 
-    Under the interpreter the "timing" is one wall-clock call: it checks the search, not speed.
+    Uses the autotuner's protocol (:func:`slimline.autotune.measure.measure`): a correctness gate
+    (‖y − ref‖ / ‖ref‖ ≤ ``rtol``), CUDA events after an L2 flush (graphs for short kernels),
+    successive halving. Under the interpreter the "timing" is one wall-clock call: it checks the
+    search, not speed.
     """
-    import time
-
-    def do_bench(function, warmup: int, rep: int) -> float:
-        if interpreting():
-            start = time.perf_counter()
-            function()
-            return (time.perf_counter() - start) * 1e3
-        from triton.testing import do_bench as measure
-
-        return measure(function, warmup=warmup, rep=rep)
+    from slimline.autotune.measure import CpuTimer, CudaTimer, Protocol, measure
+    from slimline.autotune.space import Candidate, Workload
 
     m = x.reshape(-1, x.shape[-1]).shape[0]
     n = scales.shape[0]
+    configs = candidate_configs(m, n, in_features, bits, group_size)
+    by_label = {config.label: config for config in configs}
+
+    def run(candidate):
+        config = by_label[candidate.label]
+        return lambda: quant_matmul(x, packed, scales, zeros, bias, bits=bits, layout=layout,
+                                    group_size=group_size, in_features=in_features, config=config)
+
+    if reference is None:  # no reference given: the first config's output stands in
+        reference = run(Candidate(configs[0].label))()
+    workload = Workload(reference.float(), run, rtol)
+    gpu = x.device.type == "cuda" and not interpreting()
+    protocol = Protocol() if gpu else Protocol(first_samples=1, max_samples=1)
+    timer = CudaTimer(_limits().l2_bytes, protocol, x.device) if gpu else CpuTimer()
+    outcome = measure(workload, [Candidate(c.label) for c in configs], timer, protocol=protocol, device=x.device)
     results = []
-    for config in candidate_configs(m, n, in_features, bits):
-        call = lambda c=config: quant_matmul(x, packed, scales, zeros, bias, bits=bits,  # noqa: E731
-                                             layout=layout, group_size=group_size,
-                                             in_features=in_features, config=c)
-        try:
-            out = call()
-            error = None
-            if reference is not None:
-                error = float((out.float() - reference.float()).abs().max() / reference.float().abs().max())
-            milliseconds = do_bench(call, warmup=10, rep=40)
-        except Exception as failure:  # a config the compiler refuses: skip it
-            results.append({"config": config.label, "error": f"{type(failure).__name__}: {failure}"[:200]})
-            continue
-        results.append({"config": config.label, "ms": milliseconds, "rel_error": error,
-                        "correct": error is None or error <= rtol, "_config": config})
+    for row in outcome.rows:
+        if "ms" in row:
+            results.append({"config": row["candidate"], "ms": row["ms"], "rel_error": row.get("rel_error"),
+                            "correct": row["ok"]})
+        else:
+            results.append({"config": row["candidate"], "error": row.get("why", "not run"),
+                            "rel_error": row.get("rel_error"), "correct": False})
     good = [r for r in results if r.get("correct")]
     if not good:
         raise RuntimeError(f"no correct config among {len(results)}: {results[:3]}")
     best = min(good, key=lambda r: r["ms"])
-    chosen = best["_config"]
-    for r in results:
-        r.pop("_config", None)
-    return chosen, results
+    return by_label[best["config"]], results
 
 
 def compile_for_target(bits: int, layout: str, group_size: int, in_features: int,
