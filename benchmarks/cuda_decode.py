@@ -280,6 +280,18 @@ def check_decoder(family: str, model, decoder: StaticDecoder, prompt: torch.Tens
     return result
 
 
+@torch.no_grad()
+def decode_trace(decoder: StaticDecoder, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and every step's logits of a greedy run (the decoder's own loop)."""
+    decoder.prefill(prompt)
+    logits = []
+    for _ in range(steps):
+        decoder.replay()
+        logits.append(decoder.logits.clone())
+    P = prompt.shape[1]
+    return decoder.history[: P + steps + 1].clone(), torch.stack(logits)
+
+
 # -- one model ----------------------------------------------------------------------------------------------
 
 def load_model(name: str, args, device: torch.device):
@@ -322,10 +334,25 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
         decoder.prefill(prompt)
         decoder.replay()  # captured before timing
         row["decode"]["slimline"] = timed_blocks(decoder.replay, steps, block, device)
-        row["slimline_report"] = decoder.report
+        row["slimline_report"] = dict(decoder.report)
     except Exception as error:  # noqa: BLE001
         record_error(row["decode"], "slimline", error)
     save(args.out)
+    if "median" in row["decode"].get("slimline", {}) and decoder.pdl:
+        try:  # the same kernels without programmatic dependent launch: same numbers, and its time
+            with_pdl = decode_trace(decoder, prompt, 32)
+            decoder.set_pdl(False)
+            without = decode_trace(decoder, prompt, 32)
+            row["checks"]["PDL launches compute what plain launches compute"] = {
+                "passed": bool(torch.equal(with_pdl[0], without[0]) and torch.equal(with_pdl[1], without[1])),
+                "steps": 32, "max_abs_logit_difference": float((with_pdl[1] - without[1]).abs().max())}
+            decoder.prefill(prompt)
+            decoder.replay()
+            row["decode"]["slimline (no PDL)"] = timed_blocks(decoder.replay, steps, block, device)
+            decoder.set_pdl(True)
+        except Exception as error:  # noqa: BLE001
+            record_error(row["decode"], "slimline (no PDL)", error)
+        save(args.out)
 
     try:
         eager = make_step(family, model, prompt, args.max_length)

@@ -24,6 +24,12 @@ two products:
                 (flash-decoding). Splits past the position do no work but exist, so the grid
                 is fixed and the step is graph-capturable.
 
+Programmatic dependent launch (Hopper, ``pdl=True``): each kernel lets the next one start as soon
+as all its programs are running, and the next one reads what does not depend on its predecessor
+(its first weight slice; for attention the cached slots of earlier steps and the rotary tables)
+before ``gdc_wait``, so the DRAM latency and launch gap of one product hide behind the tail of
+the previous one. Every write comes after the wait. Under the interpreter the flag is ignored.
+
 Rounding follows the torch modules these kernels replace (bf16 results rounded where torch
 rounds them: norm output, projection output, activation, product, rotary terms), with fp32
 accumulation throughout; what differs is the summation order inside each dot product.
@@ -34,6 +40,7 @@ G = H / Hkv, S cache slots, D head size.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,17 +50,23 @@ try:
     import triton.language as tl
 except ImportError:  # the decode engine reports it; the rest of the backend does not need Triton
     triton = None
+try:  # programmatic dependent launch (Hopper): a kernel starts while its predecessor drains
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except ImportError:
+    _gdc_launch_dependents = _gdc_wait = None
 
 __all__ = ["AVAILABLE", "GemvConfig", "GEMV_CANDIDATES", "DEFAULT_GEMV", "NORM_NONE", "NORM_RMS",
            "NORM_LAYER", "ACT_NONE", "ACT_SILU_PAIR", "ACT_GELU", "gemv", "static_decode_attention",
-           "ATTENTION_BLOCK_S", "ATTENTION_BLOCKS_PER_SPLIT"]
+           "ATTENTION_BLOCK_S", "ATTENTION_BLOCKS_PER_SPLIT", "PDL_AVAILABLE"]
 
 AVAILABLE = triton is not None
+PDL_AVAILABLE = AVAILABLE and _gdc_wait is not None
 
 NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
 ACT_NONE, ACT_SILU_PAIR, ACT_GELU = 0, 1, 2
 ATTENTION_BLOCK_S = 64
-ATTENTION_BLOCKS_PER_SPLIT = 2
+ATTENTION_BLOCKS_PER_SPLIT = 1
 
 
 @dataclass(frozen=True)
@@ -90,16 +103,33 @@ if AVAILABLE:
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, res_ptr, g_ptr, b_ptr, N, eps,
                      K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
+        if USE_PDL:
+            _gdc_launch_dependents()
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         rows = offs_n.to(tl.int64) * K  # (BLOCK_N,) row starts in W
+        # the first weight slice does not depend on the previous kernel: load it before waiting
+        first_k = tl.arange(0, BLOCK_K)
+        first_pointers = w_ptr + rows[:, None] + first_k[None, :]
+        first_mask = mask_n[:, None] & (first_k < K)[None, :]
+        if EVEN_N and EVEN_K:
+            w_first = tl.load(first_pointers)
+        else:
+            w_first = tl.load(first_pointers, mask=first_mask, other=0.0)
+        if ACT == 1:  # the up rows sit N rows below the gate rows
+            if EVEN_N and EVEN_K:
+                w_up_first = tl.load(first_pointers + N * K)
+            else:
+                w_up_first = tl.load(first_pointers + N * K, mask=first_mask, other=0.0)
+        if USE_PDL:
+            _gdc_wait()  # x and the residual come from the previous kernel
         mean = 0.0
         rstd = 1.0
         if NORM != 0:  # statistics of x (K values), recomputed by every program
             total = tl.zeros((BLOCK_K,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.static_range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                 if NORM == 1:
@@ -111,7 +141,7 @@ if AVAILABLE:
             else:
                 mean = tl.sum(total, axis=0) / K
                 squares = tl.zeros((BLOCK_K,), tl.float32)
-                for k0 in range(0, K, BLOCK_K):
+                for k0 in tl.static_range(0, K, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                     centred = tl.where(offs_k < K, xk - mean, 0.0)
@@ -119,7 +149,7 @@ if AVAILABLE:
                 rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.static_range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             if EVEN_K:
@@ -133,17 +163,24 @@ if AVAILABLE:
                 g = tl.load(g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 xk = _round((xk - mean) * rstd * g + b, x_ptr)
-            pointers = w_ptr + rows[:, None] + offs_k[None, :]
-            if EVEN_N and EVEN_K:
-                w = tl.load(pointers)
+            if k0 == 0:
+                w = w_first
             else:
-                w = tl.load(pointers, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc += w.to(tl.float32) * xk[None, :]
-            if ACT == 1:  # the up rows sit N rows below the gate rows
+                pointers = w_ptr + rows[:, None] + offs_k[None, :]
                 if EVEN_N and EVEN_K:
-                    w_up = tl.load(pointers + N * K)
+                    w = tl.load(pointers)
                 else:
-                    w_up = tl.load(pointers + N * K, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                    w = tl.load(pointers, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * xk[None, :]
+            if ACT == 1:
+                if k0 == 0:
+                    w_up = w_up_first
+                else:
+                    pointers = w_ptr + N * K + rows[:, None] + offs_k[None, :]
+                    if EVEN_N and EVEN_K:
+                        w_up = tl.load(pointers)
+                    else:
+                        w_up = tl.load(pointers, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
                 acc_up += w_up.to(tl.float32) * xk[None, :]
         y = _round(tl.sum(acc, axis=1), out_ptr)  # (BLOCK_N,) the projection, rounded as torch does
         if ACT == 1:  # silu(gate) * up
@@ -161,17 +198,32 @@ if AVAILABLE:
                                 m_ptr, l_ptr, acc_ptr, S, G, scale,
                                 stride_kh, stride_ks, stride_vh, stride_vs,
                                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr):
+                                BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
         h = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
+        if USE_PDL:
+            _gdc_launch_dependents()
         kv = h // G
+        # before the wait: what earlier steps wrote (the position, the cached slots) and the tables
         position = tl.load(position_ptr).to(tl.int32)
         offs_d = tl.arange(0, D)
         partner = (offs_d + D // 2) % D  # rotate-half: [-x2, x1]
         sign = tl.where(offs_d < D // 2, -1.0, 1.0)
         cos = tl.load(cos_ptr + position * D + offs_d).to(tl.float32)
         sin = tl.load(sin_ptr + position * D + offs_d).to(tl.float32)
+        split_size = BLOCK_S * BLOCKS_PER_SPLIT
+        start = split * split_size
+        k_base = k_cache_ptr + kv.to(tl.int64) * stride_kh
+        v_base = v_cache_ptr + kv.to(tl.int64) * stride_vh
+        first_s = start + tl.arange(0, BLOCK_S)
+        first_older = first_s < position
+        k_first = tl.load(k_base + first_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                          mask=first_older[:, None], other=0.0)
+        v_first = tl.load(v_base + first_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
+                          mask=first_older[:, None], other=0.0)
+        if USE_PDL:
+            _gdc_wait()  # q, k, v of the new token come from the previous kernel
         q = tl.load(qkv_ptr + h * D + offs_d).to(tl.float32)
         q_partner = tl.load(qkv_ptr + h * D + partner).to(tl.float32) * sign
         q = _round(_round(q * cos, qkv_ptr) + _round(q_partner * sin, qkv_ptr), qkv_ptr) * scale
@@ -180,22 +232,22 @@ if AVAILABLE:
         k_partner = tl.load(qkv_ptr + k_offset + partner).to(tl.float32) * sign
         k_new = _round(_round(k_new * cos, qkv_ptr) + _round(k_partner * sin, qkv_ptr), qkv_ptr)
         v_new = tl.load(qkv_ptr + H * D + HKV * D + kv * D + offs_d).to(tl.float32)
-        split_size = BLOCK_S * BLOCKS_PER_SPLIT
-        start = split * split_size
-        k_base = k_cache_ptr + kv.to(tl.int64) * stride_kh
-        v_base = v_cache_ptr + kv.to(tl.int64) * stride_vh
         if (h % G == 0) & (position >= start) & (position < start + split_size):  # this split owns the slot
             tl.store(k_base + position.to(tl.int64) * stride_ks + offs_d, k_new.to(k_cache_ptr.dtype.element_ty))
             tl.store(v_base + position.to(tl.int64) * stride_vs + offs_d, v_new.to(v_cache_ptr.dtype.element_ty))
         m = tl.full((), float("-inf"), tl.float32)
         l = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)
-        for block in range(BLOCKS_PER_SPLIT):
+        for block in tl.static_range(BLOCKS_PER_SPLIT):
             offs_s = start + block * BLOCK_S + tl.arange(0, BLOCK_S)
-            older = offs_s < position  # slots already in the cache; the new token comes from registers
-            rows = offs_s[:, None].to(tl.int64)
-            k = tl.load(k_base + rows * stride_ks + offs_d[None, :], mask=older[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_base + rows * stride_vs + offs_d[None, :], mask=older[:, None], other=0.0).to(tl.float32)
+            if block == 0:
+                k = k_first.to(tl.float32)
+                v = v_first.to(tl.float32)
+            else:
+                older = offs_s < position  # slots already in the cache; the new token comes from registers
+                rows = offs_s[:, None].to(tl.int64)
+                k = tl.load(k_base + rows * stride_ks + offs_d[None, :], mask=older[:, None], other=0.0).to(tl.float32)
+                v = tl.load(v_base + rows * stride_vs + offs_d[None, :], mask=older[:, None], other=0.0).to(tl.float32)
             is_new = (offs_s == position)[:, None]
             k = tl.where(is_new, k_new[None, :], k)
             v = tl.where(is_new, v_new[None, :], v)
@@ -215,8 +267,11 @@ if AVAILABLE:
 
     @triton.jit
     def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits,
-                                  D: tl.constexpr, BLOCK_P: tl.constexpr):
+                                  D: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr):
         h = tl.program_id(0)
+        if USE_PDL:
+            _gdc_launch_dependents()
+            _gdc_wait()
         offs_p = tl.arange(0, BLOCK_P)
         mask_p = offs_p < num_splits
         offs_d = tl.arange(0, D)
@@ -230,24 +285,36 @@ if AVAILABLE:
         tl.store(out_ptr + h * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+def _use_pdl(pdl: bool) -> bool:
+    """PDL where asked and possible: not under TRITON_INTERPRET (the interpreter has no grid control)."""
+    return pdl and PDL_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _launch_options(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, *, norm: int = NORM_NONE,
          norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None, eps: float = 1e-6,
          act: int = ACT_NONE, residual: torch.Tensor | None = None,
-         config: GemvConfig = DEFAULT_GEMV) -> torch.Tensor:
+         config: GemvConfig = DEFAULT_GEMV, pdl: bool = False) -> torch.Tensor:
     """out (N,) = epilogue(weight (N or 2N, K) · prologue(x (K,))) [+ residual (N,)]; returns out.
 
     All contiguous. ``out`` may be ``residual`` (updated in place). With ``act=ACT_SILU_PAIR``
-    the weight is [gate; up] (2N, K) and out is silu(gate·x)·(up·x).
+    the weight is [gate; up] (2N, K) and out is silu(gate·x)·(up·x). ``pdl``: launch as a
+    programmatic dependent launch (the first weight slice is read before waiting for x).
     """
     K = weight.shape[1]
     N = weight.shape[0] // (2 if act == ACT_SILU_PAIR else 1)
+    pdl = _use_pdl(pdl)
     grid = (triton.cdiv(N, config.block_n),)
     _gemv_kernel[grid](
         x, weight, out, residual if residual is not None else out,
         norm_weight if norm_weight is not None else x, norm_bias if norm_bias is not None else x,
         N, float(eps), K=K, NORM=norm, ACT=act, RESIDUAL=residual is not None,
         EVEN_N=N % config.block_n == 0, EVEN_K=K % config.block_k == 0,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_PDL=pdl, num_warps=config.num_warps,
+        **_launch_options(pdl))
     return out
 
 
@@ -258,9 +325,10 @@ def static_decode_attention(qkv: torch.Tensor,  # ((H + 2·Hkv)·D,) the fused p
                             position: torch.Tensor,  # (1,) int, on the device
                             out: torch.Tensor,  # (H·D,)
                             partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # m, l (H·P,), acc (H·P, D)
-                            n_head: int, n_kv_head: int, scale: float) -> torch.Tensor:
+                            n_head: int, n_kv_head: int, scale: float, pdl: bool = False) -> torch.Tensor:
     """Rotary + cache write + attention over slots 0..position, for one token at batch 1."""
     Hkv, S, D = k_cache.shape
+    pdl = _use_pdl(pdl)
     split = ATTENTION_BLOCK_S * ATTENTION_BLOCKS_PER_SPLIT
     num_splits = triton.cdiv(S, split)
     m, l, acc = partials
@@ -268,9 +336,10 @@ def static_decode_attention(qkv: torch.Tensor,  # ((H + 2·Hkv)·D,) the fused p
         qkv, k_cache, v_cache, cos, sin, position, m, l, acc, S, n_head // n_kv_head, float(scale),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_head, HKV=n_kv_head, D=D, BLOCK_S=ATTENTION_BLOCK_S, BLOCKS_PER_SPLIT=ATTENTION_BLOCKS_PER_SPLIT,
-        num_warps=4)
+        USE_PDL=pdl, num_warps=4, **_launch_options(pdl))
     _attention_combine_kernel[(n_head,)](m, l, acc, out, num_splits, D=D,
-                                         BLOCK_P=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+                                         BLOCK_P=max(2, triton.next_power_of_2(num_splits)), USE_PDL=pdl,
+                                         num_warps=4, **_launch_options(pdl))
     return out
 
 

@@ -255,7 +255,8 @@ def _median_ms(fn: Callable[[], Any], reps: int = 10) -> float:
 class StaticDecoder:
     """Greedy batch-1 decoding of a supported model on a static cache of ``max_length`` slots.
 
-    ``graph=True`` replays each step as one CUDA graph (CUDA only); ``tune=True`` measures the
+    ``graph=True`` replays each step as one CUDA graph (CUDA only); ``pdl`` launches the kernels as
+    programmatic dependent launches (default: where Triton has it, on CUDA); ``tune=True`` measures the
     GEMV candidates per weight family on the device (all layers' weights in turn, so the
     timing streams from memory as decoding does) and keeps the fastest. ``report`` says what
     was built, chosen, and what fell back.
@@ -263,7 +264,7 @@ class StaticDecoder:
 
     def __init__(self, model: Any, max_length: int, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, graph: bool = True, tune: bool = True,
-                 prefill: Callable | None = None):
+                 prefill: Callable | None = None, pdl: bool | None = None):
         from slimline.backends.cuda import decode_kernels as kernels
 
         if not kernels.AVAILABLE:
@@ -291,9 +292,12 @@ class StaticDecoder:
         default = kernels.DEFAULT_GEMV
         self.configs = {"qkv": default, "o": default, "up": default, "down": default, "head": default}
         self.use_graph = graph and device.type == "cuda"
+        # programmatic dependent launch: each kernel reads its weights while the previous one drains
+        self.pdl = kernels.PDL_AVAILABLE and device.type == "cuda" if pdl is None else pdl
         self._graph: torch.cuda.CUDAGraph | None = None
         self.prompt_length = 0
-        self.report: dict[str, Any] = {"family": spec.family, "dtype": str(dtype), "max_length": max_length,
+        self.report: dict[str, Any] = {"pdl": self.pdl, "family": spec.family, "dtype": str(dtype),
+                                       "max_length": max_length,
                                        "weight_bytes": self.weights.weight_bytes(), "fallbacks": [],
                                        "launches_per_step": 5 * L + 3}
         if tune and device.type == "cuda":
@@ -310,16 +314,18 @@ class StaticDecoder:
         for layer in self.weights.layers:
             sites["qkv"].append(lambda c, w=layer: kernels.gemv(
                 self.x, w.qkv, self.qkv, norm=norm, norm_weight=w.norm_attention,
-                norm_bias=w.norm_attention_bias, eps=spec.eps, config=c))
-            sites["o"].append(lambda c, w=layer: kernels.gemv(self.attended, w.o, self.x, residual=self.x, config=c))
+                norm_bias=w.norm_attention_bias, eps=spec.eps, config=c, pdl=self.pdl))
+            sites["o"].append(lambda c, w=layer: kernels.gemv(self.attended, w.o, self.x, residual=self.x, config=c,
+                                                          pdl=self.pdl))
             sites["up"].append(lambda c, w=layer: kernels.gemv(
                 self.x, w.up, self.hidden, norm=norm, norm_weight=w.norm_mlp, norm_bias=w.norm_mlp_bias,
-                eps=spec.eps, act=act, config=c))
+                eps=spec.eps, act=act, config=c, pdl=self.pdl))
             sites["down"].append(lambda c, w=layer: kernels.gemv(self.hidden, w.down, self.x, residual=self.x,
-                                                                 config=c))
+                                                                 config=c, pdl=self.pdl))
         sites["head"] = [lambda c: kernels.gemv(self.x, self.weights.head_weight, self.logits, norm=norm,
                                                 norm_weight=self.weights.final_norm,
-                                                norm_bias=self.weights.final_bias, eps=spec.eps, config=c)]
+                                                norm_bias=self.weights.final_bias, eps=spec.eps, config=c,
+                                                pdl=self.pdl)]
         return sites
 
     def step(self) -> None:
@@ -332,7 +338,7 @@ class StaticDecoder:
             sites["qkv"][index](configs["qkv"])
             kernels.static_decode_attention(self.qkv, self.k_cache[index], self.v_cache[index], self.weights.cos,
                                             self.weights.sin, self.position, self.attended, self.partials,
-                                            spec.n_head, spec.n_kv_head, spec.scale)
+                                            spec.n_head, spec.n_kv_head, spec.scale, pdl=self.pdl)
             sites["o"][index](configs["o"])
             sites["up"][index](configs["up"])
             sites["down"][index](configs["down"])
@@ -386,6 +392,13 @@ class StaticDecoder:
         self.token.copy_(saved[1])
         self.history.copy_(saved[2])
         self._graph = graph
+
+    def set_pdl(self, enabled: bool) -> None:
+        """Switch programmatic dependent launch on or off (the step is captured again)."""
+        self.pdl = enabled
+        self._graph = None
+        self.use_graph = self.device.type == "cuda"
+        self.report["pdl"] = enabled
 
     def replay(self) -> None:
         """One decode step: the captured graph when there is one, the launches otherwise."""
