@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import re
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -92,15 +93,23 @@ def current_validators() -> dict[str, str]:
 
 
 def source_hash(*objects: Any) -> str:
-    """A short hash of the source text of functions or Triton kernels (their ``src``)."""
+    """A short hash of the source text of functions or Triton kernels.
+
+    A Triton kernel hashes as its Python function's source from ``def`` on (what Triton keeps as
+    ``src``), the same under ``TRITON_INTERPRET`` as compiled.
+    """
     digest = hashlib.sha256()
     for obj in objects:
-        text = getattr(obj, "src", None)
-        if not isinstance(text, str):
-            try:
-                text = inspect.getsource(getattr(obj, "fn", obj))
-            except (OSError, TypeError):
-                text = repr(obj)
+        wrapped = getattr(obj, "fn", None)
+        try:
+            if callable(wrapped):  # a Triton kernel (compiled or interpreted): the source from "def"
+                text = textwrap.dedent(inspect.getsource(wrapped))
+                found = re.search(r"^def\s+\w+\s*\(", text, re.MULTILINE)
+                text = text[found.start():] if found else text
+            else:
+                text = inspect.getsource(obj)
+        except (OSError, TypeError):
+            text = repr(obj)
         digest.update(text.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()[:16]

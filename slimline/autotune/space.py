@@ -89,7 +89,7 @@ class DeviceLimits:
 
 # Read on the GPU machine with torch.cuda.get_device_properties (2026-11-29); ceilings measured
 # there (DESIGN.md): bf16 GEMM 790 TFLOP/s, device copy 4.19 TB/s.
-H200 = DeviceLimits("NVIDIA H200", "9.0", 132, 232448, 65536, 62914560, 150_110_011_392, 790.0, 4190.0)
+H200 = DeviceLimits("NVIDIA H200", "9.0", 132, 232448, 65536, 62914560, 150_109_880_320, 790.0, 4190.0)
 CPU_HOST = DeviceLimits("cpu", "cpu", 1, 0, 0, 32 * 2 ** 20, 0, 1.0, 20.0, kind="cpu")
 
 

@@ -221,7 +221,7 @@ def tune(instances: Sequence[KernelInstance], mode: str = "lite", time_budget_s:
                         jobs.append((fam.name, problem.params, candidate.label, candidate.config))
             summary["precompile"] = precompile(jobs, workers, _now() + precompile_share * budget)
         remaining_weight = sum(item[2] for item in pending) or 1.0
-        started = _now()
+        started = tune_started                 # the precompile step counts against the budget too
         to_store = {}
         for key, group, weight, default_entry, record in pending:
             fam, problem = group["family"], group["problem"]

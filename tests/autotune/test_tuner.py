@@ -159,3 +159,19 @@ def test_dense_family_under_the_interpreter(tmp_path):
                   protocol=Protocol(first_samples=1, max_samples=1))[0]
     failed = [row for row in record.candidates if row["ran"] and not row["ok"]]
     assert record.candidates_tried >= 3 and not failed, failed
+
+
+def test_cache_mode_uses_the_shipped_h200_defaults_without_a_gpu(monkeypatch, tmp_path):
+    """The defaults file from the project's H200 run answers the 1B decoder's problems."""
+    def never(*args, **kwargs):
+        raise AssertionError("cache mode measured")
+
+    monkeypatch.setattr(tuner_module, "measure", never)
+    monkeypatch.setenv("SLIMLINE_CACHE_DIR", str(tmp_path))          # an empty user cache
+    instances = [KernelInstance("lm_head decode int4", Problem.make("quant_matmul", M=1, N=32000, K=2048, bits=4,
+                                                                     group=128, dtype="bf16")),
+                 KernelInstance("o prefill monarch", Problem.make("monarch_matmul", M=4096, N=2048, K=2048,
+                                                                  nblocks=4, dtype="bf16"))]
+    records = tune(instances, "cache", limits=H200)
+    assert [r.source for r in records] == ["defaults", "defaults"] and all(r.cache_hit for r in records)
+    assert records[0].config["impl"] == "triton" and records[0].winner_ms > 0
