@@ -201,7 +201,7 @@ def main() -> None:
                 "kv_bytes_ratio": stats["kv_cache_bytes"] / stats["full_kv_cache_bytes"],
                 "attention_reads_ratio": stats["attention_key_reads"] / stats["full_attention_key_reads"],
                 "kept_after_prompt": stats["kept_after_prompt"],
-                "per_window_bits": per_window,
+                "per_window_bits": [round(bits, 6) for bits in per_window],
             })
 
     comparisons = {}
@@ -243,8 +243,10 @@ def main() -> None:
         "device": f"cpu ({platform.machine()}, {args.threads} thread(s))",
         "seconds": round(time.time() - started, 1),
         "harness_max_abs_error_vs_full_forward": harness_error,
-        "full": {key: value for key, value in full.items() if key != "per_window_bits"},
-        "rows": [{key: value for key, value in row.items() if key != "per_window_bits"} for row in rows],
+        "window_order": spread_order(count)[:len(windows)],  # which of the evenly spaced windows, in run order
+        "full": full,  # per_window_bits follow window_order: runs on other windows can be pooled
+        "rows": [{key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()}
+                 for row in rows],
         "paired_bits_per_byte_differences": comparisons,
         "acceptance": checks,
     }
