@@ -213,7 +213,8 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
 
     with report.stage("passes") as stage:
         context = PassContext(target=target, mode=mode, calibration=samples,
-                              reference_outputs=references, extra={"tune": tune})
+                              reference_outputs=references,
+                              extra={"tune": tune, "budget": budget, "choose": tune != "off"})
         original = graph
         graph, history, decisions = run_pipeline(graph, steps, context, check, report)
         applied = [name for name, _ in history.applied]

@@ -18,7 +18,8 @@
       "verification": {... see slimline.verify.Verification.to_json ...} | null,
       "bisect": {"pass", "layer", "detail"} | null,
       "export": {...} | null,
-      "notes": [str]
+      "notes": [str],
+      "tuning": {"implementations": {...}, "kernels": [...]}   # see slimline.autotune; {} if none
     }
 
 ``Report.table()`` renders the same as text for a terminal.
@@ -85,6 +86,7 @@ class Report:
     bisect: dict | None = None
     export: dict | None = None
     notes: list[str] = field(default_factory=list)
+    tuning: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=_versions)
 
     @contextlib.contextmanager
@@ -117,7 +119,7 @@ class Report:
             "passes": [asdict(p) for p in self.passes],
             "layers": [layer.to_json() for layer in self.layers],
             "cost": self.cost, "verification": self.verification, "bisect": self.bisect,
-            "export": self.export, "notes": self.notes,
+            "export": self.export, "notes": self.notes, "tuning": self.tuning,
         }
 
     def dumps(self) -> str:
@@ -154,6 +156,13 @@ class Report:
             lines.append(f"parameters: {self.cost.get('params_before')} → {self.cost.get('params_after')}"
                          f"   FLOPs: {_short(self.cost.get('flops_before', ''))} → "
                          f"{_short(self.cost.get('flops_after', ''))}")
+        choice = self.tuning.get("implementations")
+        if choice:
+            mix = ", ".join(f"{label}: {count}" for label, count in choice["by_option"].items())
+            lines.append(f"implementation choice: {choice['replaced']} of {choice['layers']} layers "
+                         f"replaced ({mix or 'none'}); loss {choice['measured_loss']:.2e} of "
+                         f"{choice['budget_limit']:.2e} ({choice['timing']} layer times "
+                         f"{choice['layers_ms_before']:.3g} → {choice['layers_ms_after']:.3g} ms)")
         if self.verification:
             lines.append(f"verification: {self.verification.get('verdict')}")
         if self.bisect:

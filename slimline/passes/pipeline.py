@@ -113,8 +113,14 @@ def run_pipeline(graph: Graph, steps: list[PipelineStep], context: PassContext,
     decisions: list[LayerDecision] = []
     approximate = [s for s in steps if not s.spec.exact]
     share = 1.0 / len(approximate) if approximate else 1.0
+    group = _choice_group(steps, context)
     for step in steps:
         spec = step.spec
+        if group and step in group:
+            if step is group[0]:
+                graph = _run_choice(graph, group, context, check, report, history, decisions,
+                                    share * len(group))
+            continue
         if context.target not in spec.targets:
             report.passes.append(PassRecord(spec.name, spec.exact, "skipped",
                                             f"does not serve target {context.target!r}"))
@@ -152,3 +158,72 @@ def run_pipeline(graph: Graph, steps: list[PipelineStep], context: PassContext,
         report.passes.append(PassRecord(spec.name, spec.exact, "applied", "", seconds,
                                         result.stats, verification.to_json()))
     return graph, history, decisions
+
+
+def _choice_group(steps: list[PipelineStep], context: PassContext) -> list[PipelineStep]:
+    """The lossy structural passes the implementation choice runs together, or [] for none.
+
+    It runs when asked (``context.extra["choose"]``: ``tune`` is not ``"off"``), when at least two
+    techniques it offers on this target are selected, and when none of them was given a config
+    of its own (a user who sets a pass's knobs gets that pass, run its own way).
+    """
+    if not context.extra.get("choose") or context.mode == "lossless":
+        return []
+    from slimline.autotune.choose import default_options
+
+    offered = {option.technique for option in default_options(context.target)}
+    group = [step for step in steps if step.spec.name in offered and not step.spec.exact
+             and context.target in step.spec.targets]
+    if len(group) < 2 or any(step.config != step.spec.config_type() for step in group):
+        return []
+    return group
+
+
+def _run_choice(graph: Graph, group: list[PipelineStep], context: PassContext,
+                check: Callable[[Graph, bool, float], Verification], report: Report,
+                history: History, decisions: list[LayerDecision], share: float) -> Graph:
+    """Dense / low-rank / Monarch / low-bit per layer under the group's budget share."""
+    from slimline.autotune.choose import choose
+    from slimline.budget import MODE_BUDGETS, Budget
+
+    start = time.perf_counter()
+    budget = context.extra.get("budget") or MODE_BUDGETS.get(context.mode) or Budget("cosine", 0.01)
+    budget = replace(budget, max_loss=budget.max_loss * share)
+    timing = "modelled" if context.extra.get("tune") == "cache" else "measured"
+    specs = {step.spec.name: step.spec for step in group}
+    try:
+        result = choose(graph, specs, context, budget, timing=timing)
+    except SlimlineError as error:
+        for step in group:
+            report.passes.append(PassRecord(step.spec.name, False, "rolled back",
+                                            f"implementation choice refused: {error.message}",
+                                            time.perf_counter() - start))
+        return graph
+    report.tuning["implementations"] = result.to_json()
+    seconds = time.perf_counter() - start
+    by_technique = {name: [r for t, r in result.results if t == name] for name in specs}
+    verification = check(result.graph, False, share) if result.changed else None
+    if verification is not None and not verification.passed:
+        for step in group:
+            report.passes.append(PassRecord(step.spec.name, False, "rolled back",
+                                            f"implementation choice broke its check: "
+                                            f"{verification.verdict}", seconds))
+        return graph
+    for step in group:
+        results = by_technique[step.spec.name]
+        changed = any(r.changed for r in results)
+        stats: dict[str, float] = {}
+        for r in results:
+            for key, value in r.stats.items():
+                if isinstance(value, (int, float)):
+                    stats[key] = stats.get(key, 0) + value
+        for r in results:
+            decisions.extend(d for d in r.decisions if d.why_not is None)
+        report.passes.append(PassRecord(
+            step.spec.name, False, "applied" if changed else "unchanged",
+            "" if changed else "the implementation choice gave it no layer", seconds / len(group),
+            stats, verification.to_json() if changed and verification is not None else None))
+    if result.changed:
+        history.applied.append(("+".join(specs), result.graph))
+        return result.graph
+    return graph
