@@ -29,6 +29,13 @@ stays dense). Run::
 
 The JSON holds device, versions, date, every point (metrics, measured reduction, seconds, pass
 stats, ranks and methods per layer) and the acceptance checks; the PNG sits beside it.
+
+gpt-small's points come from ``lowrank_recovery_gpu.py`` (the same pass and calibration, judged
+on the whole validation stream, recovery on the H200 with a logit term added); runs of several
+processes or machines are merged, with a markdown table (``.md``) beside the JSON and PNG::
+
+    python3 benchmarks/lowrank_quality.py --combine vit.json minilm.json lowrank_recovery_gpu.json \
+        --out benchmarks/results/lowrank_quality.json
 """
 
 from __future__ import annotations
@@ -244,6 +251,42 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The Pareto table as markdown: one table per model, then the acceptance lines and the runs."""
+    lines = ["# Low-rank pass: Linear-parameter reduction against the task metric", ""]
+    for name, entry in results["models"].items():
+        metrics = METRICS[name]
+        runs = sorted({p.get("run", "") for p in entry["points"]} - {""})
+        lines += [f"## {name}", "",
+                  f"Baseline (dense): " + ", ".join(f"{m} {entry['baseline'][m]:.4f}" for m in metrics)
+                  + f". Evaluated on {entry['eval_data']}. Calibration: {entry['calibration']}."
+                  + (f" Runs: {', '.join(runs)}." if runs else ""), "",
+                  "| variant | target | reduction | " + " | ".join(metrics) + " | rel. loss | recovery |",
+                  "|---|---:|---:|" + "---:|" * len(metrics) + "---:|---|"]
+        for p in entry["points"]:
+            loss = relative_change(p[metrics[0]], entry["baseline"][metrics[0]], metrics[0])
+            recovery = p.get("recovery")
+            if recovery:
+                how = f"{recovery['steps']} steps, {recovery['seconds']:.0f} s (KL + feature + perturbation)"
+            elif p["variant"] == "data-aware+rec":
+                steps = p["stats"].get("recover_steps", "?")
+                how = f"{steps} steps (pass's feature MSE + perturbation)" \
+                    + (", reverted" if p["stats"].get("recover_reverted") else "")
+            else:
+                how = ""
+            lines.append(f"| {p['variant']} | {p['target_reduction']:.2f} | {p['reduction']:.3f} | "
+                         + " | ".join(f"{p[m]:.4f}" for m in metrics) + f" | {loss:+.2%} | {how} |")
+        lines.append("")
+    lines += ["## Acceptance", ""]
+    for check in results["acceptance"]:
+        lines.append(f"- **{'MET' if check['met'] else 'NOT MET'}** {check['target']}: `{check['measured']}`")
+    lines += ["", "## Runs", ""]
+    for run in results.get("runs", []):
+        lines.append(f"- `{run['file']}` ({run.get('benchmark')}): {run['date']}, {run['device']}; settings "
+                     f"`{json.dumps(run['settings'], default=str)}`")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -292,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vit", "gpt-tiny", "minilm", "gpt-small"])
     parser.add_argument("--reductions", nargs="+", type=float, default=list(REDUCTIONS))
+    parser.add_argument("--only-listed", action="store_true",
+                        help="only --reductions (not the per-model extras), e.g. to split a model over processes")
     parser.add_argument("--variants", nargs="+", default=["svd", "data-aware", "data-aware+rec"],
                         choices=list(VARIANTS))
     parser.add_argument("--recover", type=int, default=100, help="recovery steps for data-aware+rec")
@@ -333,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "calibration": model.calibration, "linear_params": linear_params(model.graph), "points": []}
         results["models"][name] = entry
         print(f"{name}: baseline {baseline} ({time.perf_counter() - start:.0f} s to prepare)", flush=True)
-        reductions = sorted(set(args.reductions) | set(EXTRA_REDUCTIONS.get(name, ())))
+        extra = () if args.only_listed else EXTRA_REDUCTIONS.get(name, ())
+        reductions = sorted(set(args.reductions) | set(extra))
         for reduction in reductions:
             ranks = _ranks_from(args.ranks_from, name, reduction) if args.ranks_from else None
             for variant in args.variants:
@@ -368,14 +414,20 @@ def _ranks_from(path: str, name: str, reduction: float) -> dict | None:
 def _combine(paths: list[str], out: Path) -> dict:
     """One result file (and plot) from several runs, e.g. models run in parallel processes."""
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    results = dict(parts[0], models={}, runs=[{k: part[k] for k in ("date", "device", "settings")}
-                                               for part in parts])
-    for part in parts:  # a model in several files: its points are joined
+    results = dict(parts[0], models={}, runs=[{"file": Path(path).name, "benchmark": part.get("benchmark"),
+                                                **{k: part[k] for k in ("date", "device", "settings")}}
+                                               for path, part in zip(paths, parts)])
+    for path, part in zip(paths, parts):  # a model in several files: its points are joined
         for name, entry in part["models"].items():
             if "points" not in entry:
                 continue
+            for point in entry["points"]:
+                point["run"] = Path(path).name
             if name in results["models"]:
-                results["models"][name]["points"] += entry["points"]
+                mine = results["models"][name]
+                if mine["eval_data"] != entry["eval_data"] or mine["baseline"] != entry["baseline"]:
+                    raise SystemExit(f"{name}: {path} was evaluated on other data than the first file")
+                mine["points"] += entry["points"]
             else:
                 results["models"][name] = entry
     for entry in results["models"].values():
@@ -383,6 +435,7 @@ def _combine(paths: list[str], out: Path) -> dict:
         entry["points"].sort(key=lambda p: (p["target_reduction"], order.index(p["variant"])))
     results["acceptance"] = acceptance(results)
     _write(results, out)
+    out.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
     print(table(results))
     if plot(results, out.with_suffix(".png")):
         print(f"wrote {out} and {out.with_suffix('.png')}")
