@@ -276,3 +276,19 @@ def test_static_decoder_refusals():
             decoder.prefill(torch.zeros(2, 3, dtype=torch.int64))
         with pytest.raises(InputError, match="exceed max_length"):
             decoder.generate(torch.zeros(1, 10, dtype=torch.int64), 10)
+
+
+def test_graph_runner_runs_eagerly_and_says_why_when_capture_fails():
+    from slimline.backends.cuda.graphs import GraphRunner
+
+    calls = []
+
+    def fn(x, scale=1.0):
+        calls.append(x.shape)
+        return x * scale
+
+    runner = GraphRunner(fn, torch.device("cpu"))  # no CUDA stream here: capture fails, calls still work
+    torch.testing.assert_close(runner(torch.ones(2), scale=3.0), torch.full((2,), 3.0))
+    torch.testing.assert_close(runner(torch.ones(2), scale=3.0), torch.full((2,), 3.0))
+    assert runner.counts == {"replays": 0, "eager_calls": 2, "captures": 0}
+    assert len(runner.eager) == 1  # one signature, one reason, not retried

@@ -80,7 +80,8 @@ class GraphRunner:
                     captured = self.graphs[key] = self._capture(args, kwargs)
                 except Exception as error:  # keep running, eagerly, and say why
                     self.eager[key] = f"{type(error).__name__}: {error}"[:300]
-                    torch.cuda.synchronize(self.device)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
         if captured is None:
             self.counts["eager_calls"] += 1
             return self.fn(*args, **kwargs)
