@@ -5,18 +5,20 @@
     logits_BV, keys, values = decoder.weights(prompt_BT)      # the prefill alone (any batch), torch
 
 Serves what :func:`slimline.kv.decoders.adapter_for` serves: slimline's reference GPT and the
-transformers Llama family (Llama, Mistral, Qwen2 without projection biases). The user's model is
+transformers Llama family (Llama and Mistral; Qwen2's Q/K/V biases are refused for now, there is no
+bias epilogue yet). The user's model is
 read once and never touched: the decoder holds its own copies of the weights, fused by rows
-(Q/K/V as one matrix, gate/up as one matrix), so each layer's decode step is five launches:
+(Q/K/V as one matrix, gate/up as one matrix), so each layer's decode step is six Triton launches:
 
     qkv        gemv, norm folded in as its prologue                      (ln_1 → W_qkv)
-    attention  rotary + cache write + split-K softmax, then a combine    (static cache, position on device)
+    attention  rotary + cache write + split-K softmax; a combine launch  (static cache, position on device)
     o          gemv, residual added in its epilogue                      (x += W_o · attn)
     mlp up     gemv, norm prologue, SiLU(gate)·up (or GELU) epilogue     (ln_2 → W_gate_up)
     mlp down   gemv, residual epilogue                                   (x += W_down · h)
 
 then the final norm folded into the head's GEMV, argmax, and the position advanced — all on the
-device, so one CUDA graph replays every step (no host work, no synchronisation per token). The
+device, so one CUDA graph replays every step (no host work, no synchronisation per token); on
+Hopper the kernels are programmatic dependent launches (see :mod:`.decode_kernels`). The
 prompt runs through :class:`FusedDecoderWeights` (plain torch ops on the same fused weights,
 ``torch.compile``-able), which also fills the cache.
 
@@ -30,7 +32,7 @@ D head size, F MLP width, S cache slots, V vocabulary.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -68,7 +70,6 @@ class FusedSpec:
     norm: str  # "rms" or "layer"
     activation: str  # "silu_pair" or "gelu"
     max_positions: int
-    notes: list[str] = field(default_factory=list)
 
 
 def _clone(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -299,7 +300,8 @@ class StaticDecoder:
         self.report: dict[str, Any] = {"pdl": self.pdl, "family": spec.family, "dtype": str(dtype),
                                        "max_length": max_length,
                                        "weight_bytes": self.weights.weight_bytes(), "fallbacks": [],
-                                       "launches_per_step": 5 * L + 3}
+                                       # 6 Triton launches a layer, the head, and 5 small torch ops
+                                       "launches_per_step": 6 * L + 1 + 5}
         if tune and device.type == "cuda":
             self.tune()
         self.report["gemv_configs"] = {name: config.to_json() for name, config in self.configs.items()}
