@@ -75,6 +75,13 @@ class Graph:
     source_name: str = "model"
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        # the graph was captured in eval mode and computes as such; its module says so too, so
+        # task metrics that refuse models in training mode accept it. (An exported module refuses
+        # .eval(); its ops are fixed at capture, so only the flag is set.)
+        for submodule in self.module.modules():
+            submodule.training = False
+
     # -- structure -----------------------------------------------------------------------------
     @property
     def fx(self) -> fx.Graph:
