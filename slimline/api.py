@@ -221,9 +221,16 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
         stage.detail = f"applied: {', '.join(applied) or 'none'}"
 
     with report.stage("tune") as stage:
-        stage.status = "skipped"
-        stage.detail = (f"tune={tune!r}: no autotuned kernel family yet; passes that measure "
-                        f"their own choice (fft_conv on cpu) did so above")
+        choice = report.tuning.get("implementations")
+        if choice:
+            stage.detail = (f"tune={tune!r}: implementation choice in the passes stage "
+                            f"({choice['replaced']} of {choice['layers']} layers replaced, "
+                            f"{choice['timing']} layer times)")
+        else:
+            stage.status = "skipped"
+            stage.detail = (f"tune={tune!r}: no kernel of slimline's runs on target {target!r} "
+                            f"outside the backend (the onnxruntime backend measures its session "
+                            f"options; fft_conv measures its own choice)")
 
     with report.stage("inventory"):
         _inventory(original, graph, decisions, report)

@@ -328,9 +328,10 @@ def _interleaved_ms(calls: list[Callable[[], Any]], device: str, rounds: int = 9
     """Per-call time of each callable, timed round-robin so load swings hit all of them alike.
 
     On a GPU: the autotuner's CUDA timer (events, L2 flush, CUDA graphs for short calls), median.
-    On a CPU a sample is a loop of calls lasting about a millisecond, and the estimate is the
-    fastest sample: on a shared machine preemption only ever adds time, so the minimum is the
-    least disturbed reading (a median there measures the neighbours).
+    On a CPU, on one thread (the options are ranked, and on a shared machine a pool thread that
+    is descheduled stalls every parallel op), a sample is a loop of calls lasting about a
+    millisecond, and the estimate is the fastest sample: preemption only ever adds time, so the
+    minimum is the least disturbed reading (a median there measures the neighbours).
     """
     import time
 
@@ -344,6 +345,17 @@ def _interleaved_ms(calls: list[Callable[[], Any]], device: str, rounds: int = 9
             for index, call in enumerate(calls):
                 samples[index].extend(timer.samples(call, 3))
         return [statistics.median(s) for s in samples]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a descheduled pool thread stalls every parallel op: time alone
+    try:
+        return _cpu_best_ms(calls, rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu_best_ms(calls: list[Callable[[], Any]], rounds: int) -> list[float]:
+    import time
+
     loops = []
     for call in calls:
         call()  # warm
