@@ -13,7 +13,8 @@ Each variant swaps the linears (the 16 x 4 layer linears and the LM head; the em
 bf16, a one-row gather):
 
     bf16                 F.linear (cuBLAS or an Inductor template, whichever autotune picks)
-    int8 / int4 / int3   slimline's Triton dequant-GEMV (``quant_kernels.quant_matmul``, one
+    int8 / int4 / int3 gemv  slimline's reduction dequant-GEMV (``quant_gemv.quant_gemv``, no tl.dot)
+    int8 / int4 / int3 triton  slimline's tl.dot dequant kernel (``quant_kernels.quant_matmul``, one
                          opaque custom op, the config per shape from ``quant_gpu.py``'s JSON or
                          measured here), RTN weights: int8 per channel symmetric, int4 and int3
                          in groups of 128, asymmetric
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from kv_prune_gpu import build_model, summary, synchronize, time_ms  # noqa: E402
 
+from slimline.backends.cuda.quant_gemv import GemvConfig, gemv_configs, quant_gemv  # noqa: E402
 from slimline.backends.cuda.quant_kernels import (KernelConfig, candidate_configs, interpreting,  # noqa: E402
                                                   local_search, quant_matmul)
 from slimline.quant.linear import quantized_linear  # noqa: E402
@@ -80,6 +82,22 @@ def triton_quant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
     config = KernelConfig(block_m, block_n, block_k, split_k, num_warps, num_stages)
     return quant_matmul(x, packed, scales, zeros, None, bits=bits, layout=layout, group_size=group_size,
                         in_features=in_features, config=config)
+
+
+@torch.library.custom_op("slimline_bench::quant_gemv", mutates_args=())
+def triton_quant_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                      zeros: Optional[torch.Tensor], bits: int, layout: str, group_size: int,
+                      in_features: int, block_n: int, block_k: int, split_k: int, num_warps: int,
+                      num_stages: int) -> torch.Tensor:
+    config = GemvConfig(block_n, block_k, split_k, num_warps, num_stages)
+    return quant_gemv(x, packed, scales, zeros, None, bits=bits, layout=layout, group_size=group_size,
+                      in_features=in_features, config=config)
+
+
+@triton_quant_gemv.register_fake
+def _gemv_fake(x, packed, scales, zeros, bits, layout, group_size, in_features, block_n, block_k, split_k,
+               num_warps, num_stages):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
 
 
 @triton_quant_matmul.register_fake
@@ -158,6 +176,14 @@ class Linear:
             return lambda x, t: torch.ops.aten._weight_int8pack_mm(x, t[0], t[1])
         if self.kind == "torch_form":
             return lambda x, t: quantized_linear(x, t[0], t[1], t[2] if len(t) > 2 else None, None, **meta)
+        if self.kind == "gemv":
+            gconfig = configs[("gemv", n, k, self.bits)]
+            gfields = (gconfig.block_n, gconfig.block_k, gconfig.split_k, gconfig.num_warps, gconfig.num_stages)
+
+            def call_gemv(x, t):
+                return triton_quant_gemv(x, t[0], t[1], t[2] if len(t) > 2 else None, meta["bits"],
+                                         meta["layout"], meta["group_size"], meta["in_features"], *gfields)
+            return call_gemv
         config = configs[(n, k, self.bits)]
         fields = (config.block_m, config.block_n, config.block_k, config.split_k, config.num_warps,
                   config.num_stages)
@@ -293,6 +319,45 @@ def check_step_against_transformers(model, w: dict, device, length: int) -> dict
             "passed": error < 0.05}  # top-1 on random weights can flip on a near tie: recorded, not judged
 
 
+def tuned_gemv_configs(w: dict, bits_list: list, configs_from: str | None, device, dtype) -> tuple[dict, dict]:
+    """("gemv", N, K, bits) -> GemvConfig at M = 1: from quant_gpu.py's JSON, else the fastest
+    correct candidate measured here (under the interpreter: the first candidate)."""
+    from triton.testing import do_bench
+
+    chosen = json.loads(Path(configs_from).read_text()).get("chosen", {}) if configs_from and \
+        Path(configs_from).exists() else {}
+    shapes = {tuple(w["layers"][0][name].shape) for name in LINEARS} | {tuple(w["lm_head"].shape)}
+    configs, source = {}, {}
+    for bits in bits_list:
+        for n, k in sorted(shapes):
+            key = f"gemv/{n}x{k}/{bits}/1"
+            layout, group = default_layout(bits), SCHEMES[bits].group(k)
+            candidates = gemv_configs(n, k, bits, layout, group)
+            if interpreting() or key in chosen:
+                configs[("gemv", n, k, bits)] = GemvConfig(*chosen[key]) if key in chosen else candidates[0]
+                source[key] = "quant_gpu.json" if key in chosen else "first candidate (interpreter)"
+                continue
+            quantized = quantize_rtn(torch.randn(n, k, device=device) / k ** 0.5, SCHEMES[bits])
+            tensors = (quantized.pack(layout), quantized.scales, quantized.zeros)
+            x = torch.randn(1, k, device=device, dtype=dtype)
+            reference = quantized_linear(x, *tensors, None, bits=bits, layout=layout, group_size=group,
+                                         in_features=k, padded_features=quantized.codes.shape[1]).float()
+            best = None
+            for config in candidates:
+                call = lambda c=config: quant_gemv(x, *tensors, None, bits=bits, layout=layout,  # noqa: E731
+                                                   group_size=group, in_features=k, config=c)
+                try:
+                    error = float((call().float() - reference).abs().max() / reference.abs().max())
+                    milliseconds = do_bench(call, warmup=5, rep=20)
+                except Exception:  # noqa: BLE001 - a config that does not compile
+                    continue
+                if error <= 2e-2 and (best is None or milliseconds < best[0]):
+                    best = (milliseconds, config)
+            configs[("gemv", n, k, bits)] = best[1] if best else candidates[0]
+            source[key] = "measured here"
+    return configs, source
+
+
 def tuned_configs(w: dict, bits_list: list, configs_from: str | None, device, dtype) -> tuple[dict, dict]:
     """(N, K, bits) -> KernelConfig at M = 1: from quant_gpu.py's JSON where it has the shape,
     else measured here by ``local_search`` (under the interpreter: the first candidate that runs)."""
@@ -332,8 +397,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model (CPU or GPU), seconds")
     parser.add_argument("--context", type=int, default=512, help="KV cache slots")
     parser.add_argument("--position", type=int, default=384, help="decode position timed")
-    parser.add_argument("--variants", default="bf16,int4 triton,int8 triton,int3 triton,int4 tinygemm,"
-                                              "int8 torch form,int4 torch form,int8 int8pack,int3 torch form")
+    parser.add_argument("--variants", default="bf16,int4 gemv,int8 gemv,int3 gemv,int4 tinygemm,int8 torch form,"
+                                              "int4 triton,int8 triton,int3 triton,int4 torch form,"
+                                              "int8 int8pack,int3 torch form")
     parser.add_argument("--configs-from", default=None, help="quant_gpu.py's JSON (its 'chosen' configs)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--reps", type=int, default=10, help="graph replays timed per variant per round")
@@ -386,6 +452,11 @@ def main() -> int:
     configs, source = tuned_configs(w, bits_for_triton, args.configs_from, device, dtype)
     result["kernel_configs"] = {f"{n}x{k}/{b}": {"config": c.label, "from": source[f"{n}x{k}/{b}/1"]}
                                 for (n, k, b), c in configs.items()}
+    bits_for_gemv = sorted({int(v[3]) for v in variants if v.endswith("gemv")})
+    gemv, gemv_source = tuned_gemv_configs(w, bits_for_gemv, args.configs_from, device, dtype)
+    configs.update(gemv)
+    result["kernel_configs"].update({f"gemv/{n}x{k}/{b}": {"config": c.label, "from": gemv_source[f"gemv/{n}x{k}/{b}/1"]}
+                                     for (_, n, k, b), c in gemv.items()})
     save()
 
     generator = torch.Generator(device=device).manual_seed(2)

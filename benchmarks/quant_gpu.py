@@ -61,11 +61,12 @@ def _precompile_jobs(jobs: list, device: str = "cuda") -> int:
     compiles it into its disk cache. Returns how many compiled."""
     import torch
 
+    from slimline.backends.cuda.quant_gemv import GemvConfig, quant_gemv
     from slimline.backends.cuda.quant_kernels import KernelConfig, quant_matmul
     from slimline.quant.pack import default_layout, packed_shape
 
     done = 0
-    for out_features, in_features, bits, m, fields in jobs:
+    for out_features, in_features, bits, m, fields, kernel in jobs:
         try:
             scheme = scheme_for(bits)
             layout = default_layout(bits)
@@ -78,8 +79,10 @@ def _precompile_jobs(jobs: list, device: str = "cuda") -> int:
                                                               device=device)
             x = torch.randn(m, in_features, device=device,
                             dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-            quant_matmul(x, packed, scales, zeros, None, bits=bits, layout=layout, group_size=group,
-                         in_features=in_features, config=KernelConfig(*fields))
+            function, config = (quant_gemv, GemvConfig(*fields)) if kernel == "gemv" else \
+                (quant_matmul, KernelConfig(*fields))
+            function(x, packed, scales, zeros, None, bits=bits, layout=layout, group_size=group,
+                     in_features=in_features, config=config)
             done += 1
         except Exception:  # noqa: BLE001 - the timing pass reports what does not compile
             pass
@@ -94,18 +97,24 @@ def precompile(shapes: dict, bits_list: list, rows_of, workers: int, device: str
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from slimline.backends.cuda.quant_gemv import gemv_configs, supports
     from slimline.backends.cuda.quant_kernels import candidate_configs
+    from slimline.quant.pack import default_layout
 
     jobs = set()
     for out_features, in_features in shapes.values():
         for bits in bits_list:
+            layout, group = default_layout(bits), scheme_for(bits).group(in_features)
             for m in rows_of(bits):
                 for config in candidate_configs(m, out_features, in_features, bits):
-                    jobs.add((out_features, in_features, bits, m, dataclasses.astuple(config)))
+                    jobs.add((out_features, in_features, bits, m, dataclasses.astuple(config), "dot"))
+                if supports(bits, layout, group, in_features, m) is None:
+                    for config in gemv_configs(out_features, in_features, bits, layout, group):
+                        jobs.add((out_features, in_features, bits, m, dataclasses.astuple(config), "gemv"))
     # jobs that compile the same kernel (same width, config, M == 1 or not) go to one worker
     kernels: dict[tuple, list] = {}
     for job in sorted(jobs):
-        kernels.setdefault((job[2], job[3] == 1, job[4]), []).append(job)
+        kernels.setdefault((job[2], job[3] == 1, job[4], job[5]), []).append(job)
     chunks = [[] for _ in range(workers)]
     for i, same in enumerate(kernels.values()):
         chunks[i % workers] += same
@@ -133,6 +142,7 @@ def main() -> int:
     import torch.nn.functional as F
     import triton
 
+    from slimline.backends.cuda.quant_gemv import gemv_configs, quant_gemv, supports
     from slimline.backends.cuda.quant_kernels import local_search, quant_matmul
     from slimline.quant.linear import quantized_linear
     from slimline.quant.pack import default_layout
@@ -170,12 +180,18 @@ def main() -> int:
     def write(rows: list, chosen: dict, failures: list) -> dict:
         decode = {}
         for bits in bits_list:
-            step = [r for r in rows if r["bits"] == bits and r["M"] == 1]
+            fastest: dict[str, dict] = {}
+            for r in rows:
+                if r["bits"] == bits and r["M"] == 1 and (r["shape"] not in fastest
+                                                          or r["kernel_ms"] < fastest[r["shape"]]["kernel_ms"]):
+                    fastest[r["shape"]] = r
+            step = list(fastest.values())  # the faster kernel per shape
             if len(step) == len(shapes):
                 kernel = sum(r["kernel_ms"] * PER_STEP.get(r["shape"], 1) for r in step)
                 dense = sum(r["bf16_ms"] * PER_STEP.get(r["shape"], 1) for r in step)
                 moved = sum(r["GBps"] * r["kernel_ms"] * PER_STEP.get(r["shape"], 1) for r in step)
                 decode[bits] = {"kernel_ms": kernel, "bf16_ms": dense, "ratio": kernel / dense,
+                                "kernels": {r["shape"]: r.get("kernel", "dot") for r in step},
                                 "GBps": moved / kernel,
                                 "of_copy": moved / kernel / copy_gbps if copy_gbps else None}
         gemv = [r for r in rows if r["M"] == 1 and r["of_copy"]]
@@ -242,8 +258,37 @@ def main() -> int:
                         row["compiled_torch_form_ms"] = timed(call)
                     except Exception as error:
                         row["compiled_torch_form_ms"] = f"{type(error).__name__}: {error}"[:200]
+                row["kernel"] = "dot"
                 rows.append(row)
                 chosen[f"{out_features}x{in_features}/{bits}/{m}"] = dataclasses.astuple(config)
+                group = quantized.group_size
+                if supports(bits, layout, group, in_features, m) is None:
+                    trials_g, best_g = [], None
+                    for gconfig in gemv_configs(out_features, in_features, bits, layout, group):
+                        call = lambda c=gconfig: quant_gemv(x, packed, scales, zeros, None, config=c,  # noqa: E731
+                                                            **options_q)
+                        try:
+                            error = float((call().float() - reference.float()).abs().max()
+                                          / reference.float().abs().max())
+                            milliseconds = timed(call)
+                        except Exception as failure:  # noqa: BLE001 - a config that does not compile
+                            trials_g.append({"config": gconfig.label, "error": f"{type(failure).__name__}"})
+                            continue
+                        trials_g.append({"config": gconfig.label, "ms": milliseconds, "rel_error": error})
+                        if error <= RTOL and (best_g is None or milliseconds < best_g[0]):
+                            best_g = (milliseconds, gconfig, error)
+                    if best_g is None:
+                        failures.append(f"{name} {bits}-bit M={m}: no correct gemv config {trials_g[:2]}")
+                    else:
+                        gbps_g = moved / best_g[0] / 1e6
+                        rows.append({"shape": name, "N": out_features, "K": in_features, "bits": bits, "M": m,
+                                     "kernel": "gemv", "config": best_g[1].label, "kernel_ms": best_g[0],
+                                     "bf16_ms": dense_ms, "ratio": best_g[0] / dense_ms, "GBps": gbps_g,
+                                     "of_copy": gbps_g / copy_gbps if copy_gbps else None,
+                                     "rel_error": best_g[2], "candidates": trials_g})
+                        chosen[f"gemv/{out_features}x{in_features}/{bits}/{m}"] = dataclasses.astuple(best_g[1])
+                        print(f"{name:8} {bits}-bit M={m:<4} {best_g[0] * 1e3:8.1f} us  gemv "
+                              f"{gbps_g:6.0f} GB/s  {best_g[1].label}", flush=True)
                 print(f"{name:8} {bits}-bit M={m:<4} {kernel_ms * 1e3:8.1f} us  bf16 {dense_ms * 1e3:8.1f} us  "
                       f"{gbps:6.0f} GB/s  {config.label}", flush=True)
                 if best["rel_error"] is not None and best["rel_error"] > RTOL:
@@ -252,11 +297,11 @@ def main() -> int:
 
     result = write(rows, chosen, failures)
     print(f"{result['device']}; copy {copy_gbps or float('nan'):.0f} GB/s")
-    print(f"{'shape':8} {'bits':>4} {'M':>4} {'kernel ms':>10} {'bf16 ms':>9} {'ratio':>6} "
+    print(f"{'shape':8} {'bits':>4} {'M':>4} {'kernel':>6} {'kernel ms':>10} {'bf16 ms':>9} {'ratio':>6} "
           f"{'GB/s':>7} {'of copy':>7} {'rel err':>8}  config")
     for r in rows:
         of_copy = f"{r['of_copy']:.2f}" if r["of_copy"] else "-"
-        print(f"{r['shape']:8} {r['bits']:4} {r['M']:4} {r['kernel_ms']:10.4f} {r['bf16_ms']:9.4f} "
+        print(f"{r['shape']:8} {r['bits']:4} {r['M']:4} {r.get('kernel', 'dot'):>6} {r['kernel_ms']:10.4f} {r['bf16_ms']:9.4f} "
               f"{r['ratio']:6.2f} {r['GBps']:7.0f} {of_copy:>7} {r['rel_error']:8.1e}  {r['config']}")
     for bits, figures in result["decode_step_linears"].items():
         of_copy = f", {figures['of_copy']:.0%} of copy" if figures["of_copy"] else ""
