@@ -76,11 +76,11 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
 from torch._guards import detect_fake_mode
 
 from slimline.ir.graph import Graph, module_path, stamp
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
+from slimline.passes.taps import run_tapped, site_bias, weight_readers
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "LowRankDecision", "Spectrum",
            "spectrum", "break_even_rank"]
@@ -255,16 +255,6 @@ class _Layer:
         return self.spectra[self.method_at(rank)].reconstruction(rank, self.weight.dtype)
 
 
-def _weight_readers(graph: Graph) -> dict[int, list[fx.Node]]:
-    """Users of every constant tensor, keyed by the tensor's storage (tied weights share one)."""
-    readers: dict[int, list[fx.Node]] = {}
-    for node in graph.fx.nodes:
-        tensor = graph.attribute(node)
-        if tensor is not None:
-            readers.setdefault(tensor.untyped_storage().data_ptr(), []).extend(node.users)
-    return readers
-
-
 def _refusal(key: str, text: str) -> Reason:
     """A Reason with a short key for the stats counter (``kept_<key>``)."""
     reason = Reason(text)
@@ -302,11 +292,6 @@ def _check(graph: Graph, node: fx.Node, config: Config, readers: dict) -> _Layer
     return layer
 
 
-def site_bias(graph: Graph, node: fx.Node) -> torch.Tensor | None:
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return graph.attribute(bias) if isinstance(bias, fx.Node) else None
-
-
 def _fixed_rank(config: Config, path: str) -> int | None:
     for pattern, rank in config.ranks.items():
         if fnmatch.fnmatchcase(path, pattern):
@@ -316,29 +301,6 @@ def _fixed_rank(config: Config, path: str) -> int | None:
 
 # ---------------------------------------------------------------------------------------------
 # calibration data: run the graph node by node and read each linear's input
-
-
-class _Tap(fx.Interpreter):
-    """Runs a graph and hands the input and output of each watched node to ``sink(key, x, y)``."""
-
-    def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, Any], sink: Callable):
-        super().__init__(module, garbage_collect_values=True)
-        self.watched, self.sink = watched, sink
-
-    def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
-        key = self.watched.get(node)
-        if key is not None:
-            self.sink(key, self.env[node.args[0]], value)
-        return value
-
-
-def _run_tapped(module: fx.GraphModule, sample: tuple, watched: dict, sink: Callable) -> Any:
-    args, kwargs = sample
-    spec = getattr(module, "_in_spec", None)
-    flat = fx_pytree.tree_flatten_spec((args, kwargs), spec) if spec is not None else list(args)
-    output = _Tap(module, watched, sink).run(*flat, enable_io_processing=False)
-    return module.graph._codegen.process_outputs(output)
 
 
 def _covariances(graph: Graph, layers: list[_Layer], samples: list) -> dict[str, dict[int, torch.Tensor]]:
@@ -359,7 +321,7 @@ def _covariances(graph: Graph, layers: list[_Layer], samples: list) -> dict[str,
                 rows[part][index] += chunk.shape[0]
 
         with torch.no_grad():
-            _run_tapped(graph.module, sample, watched, sink)
+            run_tapped(graph.module, sample, watched, sink)
     result: dict[str, dict[int, torch.Tensor]] = {"fit": {}, "check": {}, "all": {}}
     for index in range(len(layers)):
         for part in ("fit", "check"):
@@ -654,7 +616,7 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
     def teacher_features(sample_index: int) -> dict[int, torch.Tensor]:
         found: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            _run_tapped(teacher.module, samples[sample_index], teacher_watch,
+            run_tapped(teacher.module, samples[sample_index], teacher_watch,
                         lambda i, _x, y: found.__setitem__(i, y.detach()))
         return found
 
@@ -667,7 +629,7 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
     def feature_loss(sample_index: int) -> torch.Tensor:
         targets = cache[sample_index] if cache is not None else teacher_features(sample_index)
         found: dict[int, torch.Tensor] = {}
-        _run_tapped(student.module, samples[sample_index], student_watch,
+        run_tapped(student.module, samples[sample_index], student_watch,
                     lambda i, _x, y: found.__setitem__(i, y))
         terms = [(found[i].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=_TINY)
                  for i, t in targets.items()]
@@ -858,7 +820,7 @@ def _decision(layer: _Layer) -> LowRankDecision:
 def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
     _validate(config)
     stats: dict[str, float] = {"linear_sites": 0, "factorised": 0, "evaluations": 0}
-    readers = _weight_readers(graph)
+    readers = weight_readers(graph)
     layers: list[_Layer] = []
     kept: list[tuple[fx.Node, Reason]] = []
     for node in list(graph.fx.nodes):

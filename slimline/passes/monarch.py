@@ -61,7 +61,6 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
 from torch._guards import detect_fake_mode
 
 from slimline.ir.graph import PROVENANCE_PASS, Graph, module_path, stamp
@@ -69,6 +68,7 @@ from slimline.monarch.projection import (UNEVEN_POLICIES, MonarchFactors, Monarc
                                          lowrank_equal_params_rank, monarch_shape, project,
                                          relative_errors)
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
+from slimline.passes.taps import run_tapped, site_bias, weight_readers
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "MonarchDecision", "FACTOR_META"]
 
@@ -155,21 +155,6 @@ class _Layer:
         return 0 if self.bias is None else self.bias.numel()
 
 
-def _weight_readers(graph: Graph) -> dict[int, list[fx.Node]]:
-    """Users of every constant tensor, keyed by storage (tied weights share one)."""
-    readers: dict[int, list[fx.Node]] = {}
-    for node in graph.fx.nodes:
-        tensor = graph.attribute(node)
-        if tensor is not None:
-            readers.setdefault(tensor.untyped_storage().data_ptr(), []).extend(node.users)
-    return readers
-
-
-def _site_bias(graph: Graph, node: fx.Node) -> torch.Tensor | None:
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return graph.attribute(bias) if isinstance(bias, fx.Node) else None
-
-
 def _check(graph: Graph, node: fx.Node, config: Config, readers: dict) -> _Layer | Reason:
     """The layer behind a linear site, or why it stays dense (before any data is looked at)."""
     weight_node = node.args[1]
@@ -200,33 +185,11 @@ def _check(graph: Graph, node: fx.Node, config: Config, readers: dict) -> _Layer
     if shape.params >= shape.dense_params:
         return Reason(f"saves nothing: Monarch {shape.how}, T={shape.slab_rank} holds {shape.params} "
                       f"weights ≥ dense {shape.dense_params}")
-    return _Layer(node, path, weight, shape, _site_bias(graph, node))
+    return _Layer(node, path, weight, shape, site_bias(graph, node))
 
 
 # ---------------------------------------------------------------------------------------------
 # calibration data: each linear's input covariance
-
-
-class _Tap(fx.Interpreter):
-    """Runs a graph and hands the input and output of each watched node to ``sink(key, x, y)``."""
-
-    def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, Any], sink: Callable):
-        super().__init__(module, garbage_collect_values=True)
-        self.watched, self.sink = watched, sink
-
-    def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
-        key = self.watched.get(node)
-        if key is not None:
-            self.sink(key, self.env[node.args[0]] if node.args else None, value)
-        return value
-
-
-def _run_tapped(module: fx.GraphModule, sample: tuple, watched: dict, sink: Callable) -> Any:
-    args, kwargs = sample
-    spec = getattr(module, "_in_spec", None)
-    flat = fx_pytree.tree_flatten_spec((args, kwargs), spec) if spec is not None else list(args)
-    return _Tap(module, watched, sink).run(*flat, enable_io_processing=False)
 
 
 def _covariances(graph: Graph, layers: list[_Layer], samples: list, damping: float) -> list[torch.Tensor]:
@@ -242,7 +205,7 @@ def _covariances(graph: Graph, layers: list[_Layer], samples: list, damping: flo
 
     with torch.no_grad():
         for sample in samples:
-            _run_tapped(graph.module, sample, watched, sink)
+            run_tapped(graph.module, sample, watched, sink)
     covariances = [total / max(1, count) for total, count in zip(sums, rows)]
     for covariance in covariances:
         covariance.diagonal().add_(damping * float(covariance.diagonal().mean()))
@@ -508,12 +471,12 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, l
     with torch.no_grad():
         for sample in samples:
             found: dict[int, torch.Tensor] = {}
-            _run_tapped(teacher.module, sample, teacher_watch, lambda i, _x, y: found.__setitem__(i, y.detach()))
+            run_tapped(teacher.module, sample, teacher_watch, lambda i, _x, y: found.__setitem__(i, y.detach()))
             targets.append(found)
 
     def feature_loss(index: int) -> torch.Tensor:
         found: dict[int, torch.Tensor] = {}
-        _run_tapped(student.module, samples[index], student_watch, lambda i, _x, y: found.__setitem__(i, y))
+        run_tapped(student.module, samples[index], student_watch, lambda i, _x, y: found.__setitem__(i, y))
         terms = [(found[i].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=_TINY)
                  for i, t in targets[index].items()]
         return torch.stack(terms).mean()
@@ -577,7 +540,7 @@ def _samples(graph: Graph, context: PassContext) -> tuple[list, list]:
 
 def _site_params(graph: Graph, node: fx.Node) -> int:
     weight = graph.attribute(node.args[1]) if isinstance(node.args[1], fx.Node) else None
-    bias = _site_bias(graph, node)
+    bias = site_bias(graph, node)
     return (0 if weight is None else weight.numel()) + (0 if bias is None else bias.numel())
 
 
@@ -625,7 +588,7 @@ def _apply_gate(layers: list[_Layer], config: Config) -> None:
 def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
     _validate(config)
     stats: dict[str, float] = {"linear_sites": 0, "converted": 0, "evaluations": 0}
-    readers = _weight_readers(graph)
+    readers = weight_readers(graph)
     layers: list[_Layer] = []
     refused: list[tuple[fx.Node, Reason]] = []
     for node in list(graph.fx.nodes):
