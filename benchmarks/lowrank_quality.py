@@ -271,7 +271,8 @@ def markdown(results: dict) -> str:
                 how = f"{recovery['steps']} steps, {recovery['seconds']:.0f} s (KL + feature + perturbation)"
             elif p["variant"] == "data-aware+rec":
                 steps = p["stats"].get("recover_steps", "?")
-                how = f"{steps} steps (pass's feature MSE + perturbation)" \
+                settings = {r["file"]: r["settings"] for r in results.get("runs", [])}.get(p.get("run"), {})
+                how = f"{steps} steps, recover_lr {settings.get('recover_lr', '?')} (pass's feature MSE + perturbation)" \
                     + (", reverted" if p["stats"].get("recover_reverted") else "")
             else:
                 how = ""
