@@ -21,7 +21,7 @@ from slimline.passes.base import LayerDecision, PassContext
 from slimline.passes.bisect import bisect_failure
 from slimline.passes.pipeline import run_pipeline, select_passes
 from slimline.report import Report
-from slimline.verify import Verification, compare_outputs, find_non_finite
+from slimline.verify import Verification, compare_outputs, find_non_finite, merge_verifications
 
 __all__ = ["optimize", "export_onnx", "OptimizedModel", "TARGETS", "TUNE_MODES"]
 
@@ -190,18 +190,11 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
         stage.detail = f"{len(graph.fx.nodes)} nodes, {'strict' if strict else 'non-strict'} torch.export"
 
     def check(candidate: Graph, exact: bool, share: float = 1.0) -> Verification:
-        merged: Verification | None = None
         chosen = exact_references if exact else references
-        for (a, k), reference in zip(samples, chosen):
-            result = compare_outputs(reference, candidate.run(a, k), exact=exact,
-                                     rtol=exact_rtol if exact else None,
-                                     min_cosine=budget.min_cosine(share))
-            if merged is None:
-                merged = result
-            else:
-                merged.outputs.extend(result.outputs)
-                merged.structure_matches &= result.structure_matches
-        return merged
+        return merge_verifications(
+            compare_outputs(reference, candidate.run(a, k), exact=exact,
+                            rtol=exact_rtol if exact else None, min_cosine=budget.min_cosine(share))
+            for (a, k), reference in zip(samples, chosen))
 
     with report.stage("verify capture") as stage:
         captured = check(graph, exact=True)
@@ -244,15 +237,11 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
     with report.stage("verify") as stage:
         exact = report.all_exact
         rtol = _ONNX_RTOL if target == "onnxruntime" and exact else (exact_rtol if exact else None)
-        final: Verification | None = None
-        for (a, k), reference in zip(samples, exact_references if exact else references):
-            with torch.no_grad():
-                result = compare_outputs(reference, runner(*a, **k), exact=exact, rtol=rtol,
-                                         min_cosine=budget.min_cosine())
-            final = result if final is None else final
-            if final is not result:
-                final.outputs.extend(result.outputs)
-                final.structure_matches &= result.structure_matches
+        with torch.no_grad():
+            final = merge_verifications(
+                compare_outputs(reference, runner(*a, **k), exact=exact, rtol=rtol,
+                                min_cosine=budget.min_cosine())
+                for (a, k), reference in zip(samples, exact_references if exact else references))
         report.verification = final.to_json()
         stage.detail = final.verdict
         if not final.passed:

@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["OutputComparison", "Verification", "compare_outputs", "exact_tolerance",
-           "verify", "find_non_finite", "LOW_PRECISION"]
+           "verify", "find_non_finite", "merge_verifications", "LOW_PRECISION"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -95,6 +95,18 @@ class Verification:
                 "max_rel_error": self.max_rel_error, "min_cosine": self.min_cosine,
                 "outputs": [o.to_json() for o in self.outputs],
                 "task_metrics": self.task_metrics}
+
+
+def merge_verifications(results: Any) -> Verification | None:
+    """One verification over several samples: every output of every sample, structure of all."""
+    merged: Verification | None = None
+    for result in results:
+        if merged is None:
+            merged = result
+        else:
+            merged.outputs.extend(result.outputs)
+            merged.structure_matches &= result.structure_matches
+    return merged
 
 
 def _float_leaves(outputs: Any) -> tuple[list[torch.Tensor], Any]:

@@ -240,14 +240,7 @@ def _run_choice(graph: Graph, group: list[PipelineStep], context: PassContext,
 
 def _same_as(before: Graph, after: Graph, samples: list) -> Verification:
     """Exact comparison of two graphs on the calibration samples."""
-    from slimline.verify import compare_outputs
+    from slimline.verify import compare_outputs, merge_verifications
 
-    merged: Verification | None = None
-    for args, kwargs in samples:
-        result = compare_outputs(before.run(args, kwargs), after.run(args, kwargs), exact=True)
-        if merged is None:
-            merged = result
-        else:
-            merged.outputs.extend(result.outputs)
-            merged.structure_matches &= result.structure_matches
-    return merged
+    return merge_verifications(compare_outputs(before.run(a, k), after.run(a, k), exact=True)
+                               for a, k in samples)
