@@ -80,6 +80,7 @@ from torch._guards import detect_fake_mode
 
 from slimline.ir.graph import Graph, module_path, stamp
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
+from slimline.passes.recovery import recover_features
 from slimline.passes.taps import run_tapped, site_bias, weight_readers
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "LowRankDecision", "Spectrum",
@@ -597,9 +598,6 @@ def _flops_text(nodes: list[fx.Node], graph: Graph) -> str:
 def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, torch.Tensor, torch.Tensor]],
              samples: list, config: Config) -> dict[str, float]:
     """Train only the factors to match the original's per-layer outputs; returns loss stats."""
-    student_watch = {output: i for i, (_layer, output, _a, _b) in enumerate(done)}
-    teacher_by_name = {node.name: node for node in teacher.fx.nodes}
-    teacher_watch = {teacher_by_name[layer.node.name]: i for i, (layer, _o, _a, _b) in enumerate(done)}
     originals = [layer.weight.detach().to(torch.float32) for layer, _o, _a, _b in done]
     # ‖B·A − W‖ is measured where the inputs lie, tr(Δ·C·Δᵀ) / tr(W·C·Wᵀ) with C the layer's input
     # covariance: plain Frobenius would pull whitened factors back towards plain SVD
@@ -607,72 +605,20 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
                else torch.eye(layer.in_features, device=layer.weight.device) for layer, _o, _a, _b in done]
     norms = [float(((w @ c) * w).sum()) for w, c in zip(originals, metrics)]
 
-    def perturbation(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, c: torch.Tensor, n: float) -> torch.Tensor:
-        delta = b.float() @ a.float() - w  # (N, K)
-        return ((delta @ c) * delta).sum() / max(n, _TINY)
-
-    factors = [t for _l, _o, a, b in done for t in (a, b)]
-
-    def teacher_features(sample_index: int) -> dict[int, torch.Tensor]:
-        found: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            run_tapped(teacher.module, samples[sample_index], teacher_watch,
-                        lambda i, _x, y: found.__setitem__(i, y.detach()))
-        return found
-
-    # the original's features are kept when they fit in _FEATURE_CACHE_BYTES, else recomputed
-    first = teacher_features(0)
-    size = sum(t.numel() * t.element_size() for t in first.values()) * len(samples)
-    cache = [first] + [teacher_features(i) for i in range(1, len(samples))] \
-        if size <= _FEATURE_CACHE_BYTES else None
-
-    def feature_loss(sample_index: int) -> torch.Tensor:
-        targets = cache[sample_index] if cache is not None else teacher_features(sample_index)
-        found: dict[int, torch.Tensor] = {}
-        run_tapped(student.module, samples[sample_index], student_watch,
-                    lambda i, _x, y: found.__setitem__(i, y))
-        terms = [(found[i].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=_TINY)
-                 for i, t in targets.items()]
+    def drift() -> torch.Tensor:
+        terms = []
+        for (_layer, _o, a, b), w, c, n in zip(done, originals, metrics, norms):
+            delta = b.float() @ a.float() - w  # (N, K)
+            terms.append(((delta @ c) * delta).sum() / max(n, _TINY))
         return torch.stack(terms).mean()
 
-    def mean_feature_loss() -> float:
-        with torch.no_grad():
-            return sum(float(feature_loss(i)) for i in range(len(samples))) / len(samples)
-
-    before = mean_feature_loss()
-    saved = [t.detach().clone() for t in factors]
-    for tensor in factors:
-        tensor.requires_grad_(True)
     # Adam moves every element by about lr per step: scale it to each factor's own size and to
     # how far the factors are from their optimum (the relative feature error), then decay it
-    scale = config.recover_lr * math.sqrt(before)
-    optimizer = torch.optim.Adam([{"params": [t], "lr": scale * float(t.detach().pow(2).mean().sqrt())}
-                                  for t in factors])
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, config.recover))))
-    try:
-        with torch.enable_grad():
-            for step in range(config.recover):
-                optimizer.zero_grad(set_to_none=True)
-                loss = feature_loss(step % len(samples))
-                if config.recover_perturbation > 0:
-                    drift = torch.stack([perturbation(a, b, w, c, n) for (_l, _o, a, b), w, c, n
-                                         in zip(done, originals, metrics, norms)])
-                    loss = loss + config.recover_perturbation * drift.mean()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    finally:
-        for tensor in factors:
-            tensor.requires_grad_(False)
-    after = mean_feature_loss()
-    reverted = after > before
-    if reverted:
-        with torch.no_grad():
-            for tensor, old in zip(factors, saved):
-                tensor.copy_(old)
-    return {"recover_steps": config.recover, "recover_feature_loss_before": before,
-            "recover_feature_loss_after": after, "recover_reverted": int(reverted)}
+    return recover_features(
+        student, teacher, [(output, layer.node.name) for layer, output, _a, _b in done],
+        [t for _l, _o, a, b in done for t in (a, b)], samples, config.recover,
+        lambda before: config.recover_lr * math.sqrt(before), decay=True, regulariser=drift,
+        regulariser_weight=config.recover_perturbation, cache_bytes=_FEATURE_CACHE_BYTES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from slimline.monarch.projection import (UNEVEN_POLICIES, MonarchFactors, Monarc
                                          lowrank_equal_params_rank, monarch_shape, project,
                                          relative_errors)
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
+from slimline.passes.recovery import recover_features
 from slimline.passes.taps import run_tapped, site_bias, weight_readers
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "MonarchDecision", "FACTOR_META"]
@@ -463,53 +464,10 @@ def _new_nodes(graph: Graph, output: fx.Node) -> list[fx.Node]:
 
 def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, list[torch.Tensor]]],
              samples: list, config: Config) -> dict[str, float]:
-    student_watch = {output: i for i, (_layer, output, _f) in enumerate(done)}
-    teacher_nodes = {node.name: node for node in teacher.fx.nodes}
-    teacher_watch = {teacher_nodes[layer.node.name]: i for i, (layer, _o, _f) in enumerate(done)}
-    factors = [tensor for _l, _o, pair in done for tensor in pair]
-    targets: list[dict[int, torch.Tensor]] = []
-    with torch.no_grad():
-        for sample in samples:
-            found: dict[int, torch.Tensor] = {}
-            run_tapped(teacher.module, sample, teacher_watch, lambda i, _x, y: found.__setitem__(i, y.detach()))
-            targets.append(found)
-
-    def feature_loss(index: int) -> torch.Tensor:
-        found: dict[int, torch.Tensor] = {}
-        run_tapped(student.module, samples[index], student_watch, lambda i, _x, y: found.__setitem__(i, y))
-        terms = [(found[i].float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=_TINY)
-                 for i, t in targets[index].items()]
-        return torch.stack(terms).mean()
-
-    def mean_loss() -> float:
-        with torch.no_grad():
-            return sum(float(feature_loss(i)) for i in range(len(samples))) / len(samples)
-
-    before = mean_loss()
-    saved = [t.detach().clone() for t in factors]
-    groups = [{"params": [t], "lr": config.recover_lr * float(t.detach().float().pow(2).mean().sqrt())}
-              for t in factors]
-    for tensor in factors:
-        tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam(groups)
-    try:
-        with torch.enable_grad():
-            for step in range(config.recover):
-                optimizer.zero_grad(set_to_none=True)
-                feature_loss(step % len(samples)).backward()
-                optimizer.step()
-    finally:
-        for tensor in factors:
-            tensor.requires_grad_(False)
-            tensor.grad = None
-    after = mean_loss()
-    reverted = after > before
-    if reverted:
-        with torch.no_grad():
-            for tensor, old in zip(factors, saved):
-                tensor.copy_(old)
-    return {"recover_steps": config.recover, "recover_feature_loss_before": before,
-            "recover_feature_loss_after": after, "recover_reverted": int(reverted)}
+    """Train only the block-diagonal factors to match the original's per-layer outputs."""
+    return recover_features(student, teacher, [(output, layer.node.name) for layer, output, _f in done],
+                            [tensor for _l, _o, pair in done for tensor in pair], samples,
+                            config.recover, lambda _before: config.recover_lr)
 
 
 # ---------------------------------------------------------------------------------------------
