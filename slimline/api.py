@@ -221,9 +221,8 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
                             f"{choice['timing']} layer times)")
         else:
             stage.status = "skipped"
-            stage.detail = (f"tune={tune!r}: no kernel of slimline's runs on target {target!r} "
-                            f"outside the backend (the onnxruntime backend measures its session "
-                            f"options; fft_conv measures its own choice)")
+            stage.detail = (f"tune={tune!r}: kernels are chosen by the backend below (cpu: each "
+                            f"dense layer's kernel; onnxruntime: session options; cuda: Inductor)")
 
     with report.stage("inventory"):
         _inventory(original, graph, decisions, report)
@@ -231,6 +230,9 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
     with report.stage("backend") as stage:
         runner, facts = _build_backend(graph, target, workdir, tune)
         stage.detail = facts.get("runtime", "")
+        if "kernels" in facts:
+            report.tuning["kernels"] = facts["kernels"]
+            report.tuning["kernel_summary"] = facts.get("kernel_summary", {})
         if "export" in facts:
             report.export = facts["export"]
 
@@ -260,7 +262,7 @@ def _optimize_in_eval(model, args, kwargs, samples, steps, budget, report, targe
 def _build_backend(graph: Graph, target: str, workdir: Any, tune: str = "lite") -> tuple[Any, dict]:
     if target == "cpu":
         from slimline.backends import cpu
-        return cpu.build(graph, workdir)
+        return cpu.build(graph, workdir, tune=tune)
     if target == "cuda":
         from slimline.backends import cuda
         return cuda.build(graph, workdir)

@@ -163,6 +163,14 @@ class Report:
                          f"replaced ({mix or 'none'}); loss {choice['measured_loss']:.2e} of "
                          f"{choice['budget_limit']:.2e} ({choice['timing']} layer times "
                          f"{choice['layers_ms_before']:.3g} → {choice['layers_ms_after']:.3g} ms)")
+        kernels = self.tuning.get("kernels")
+        if kernels:
+            lines.append("")
+            rows = [[k["instance"], k["family"], k["winner"], k["baseline"],
+                     "" if k.get("gain") is None else f"{k['gain']:.2f}x", str(k.get("tried", 0)),
+                     "hit" if k.get("cache_hit") else k.get("source", "")] for k in kernels[:max_layers]]
+            lines.append(_grid(["kernel instance", "family", "winner", "baseline", "gain", "tried",
+                                "cache"], rows))
         if self.verification:
             lines.append(f"verification: {self.verification.get('verdict')}")
         if self.bisect:
