@@ -273,32 +273,20 @@ def _cosine(reference: Any, found: Any) -> float:
 # time
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the graph and keeps the values of the nodes asked for."""
-
-    def __init__(self, module: fx.GraphModule, wanted: set[fx.Node]):
-        super().__init__(module)
-        self.wanted = wanted
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
-        if node in self.wanted:
-            self.values[node] = value
-        return value
-
-
-def _layer_program(graph: Graph, nodes: list[fx.Node]) -> tuple[Callable[[], Any], int]:
+def _layer_program(graph: Graph, nodes: list[fx.Node]) -> Callable[[], Any]:
     """A callable that runs ``nodes`` alone on the values they get in the full model."""
+    from slimline.passes.taps import run_tapped
+
     inside = set(nodes)
     outside: list[fx.Node] = []
     for node in nodes:
         for source in node.all_input_nodes:
             if source not in inside and source not in outside:
                 outside.append(source)
-    recorder = _Recorder(graph.module, set(outside))
-    with torch.no_grad():  # placeholders take the flattened (args, kwargs), as export made them
-        recorder.run(*torch.utils._pytree.tree_leaves((graph.example_args, graph.example_kwargs)))
+    values: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        run_tapped(graph.module, (graph.example_args, graph.example_kwargs),
+                   {node: node for node in outside}, lambda node, _x, y: values.__setitem__(node, y))
     sub = fx.Graph()
     mapping: dict[fx.Node, fx.Node] = {}
     for index, node in enumerate(outside):
@@ -308,14 +296,12 @@ def _layer_program(graph: Graph, nodes: list[fx.Node]) -> tuple[Callable[[], Any
     results = [mapping[n] for n in nodes if any(user not in inside for user in n.users)]
     sub.output(results[0] if len(results) == 1 else tuple(results))
     module = fx.GraphModule(torch.nn.Module(), sub)
-    values = [recorder.values[n] for n in outside]
-    weights = sum(v.numel() for n, v in zip(outside, values)
-                  if isinstance(v, torch.Tensor) and n.op == "get_attr")
+    inputs = [values[n] for n in outside]
 
     def call() -> Any:
         with torch.no_grad():
-            return module(*values)
-    return call, weights
+            return module(*inputs)
+    return call
 
 
 def _created_nodes(graph: Graph, technique: str, path: str) -> list[fx.Node]:
@@ -468,10 +454,9 @@ def choose(graph: Graph, specs: dict[str, Any], context: PassContext, budget: An
     device = "cuda" if context.target == "cuda" and torch.cuda.is_available() else "cpu"
     choices: list[LayerChoice] = []
     for path, nodes in layers_by_path.items():
-        dense_call, params = _layer_program(graph, nodes) if timing == "measured" else (None, 0)
         params = sum(graph.attribute(n.args[1]).numel() for n in nodes)
         choice = LayerChoice(path, 0.0, params)
-        calls = [dense_call]
+        programs: list[tuple[Candidate, Callable[[], Any]]] = []   # measured: the timed options
         for option in options:
             candidate = Candidate(option)
             choice.candidates.append(candidate)
@@ -489,21 +474,17 @@ def choose(graph: Graph, specs: dict[str, Any], context: PassContext, budget: An
             candidate.loss = judge(trial)
             candidate.params = sum(t.numel() for t in _new_weights(trial, created))
             if timing == "measured":
-                call, _ = _layer_program(trial, created)
-                calls.append(call)
-                candidate._call = call  # type: ignore[attr-defined]
+                programs.append((candidate, _layer_program(trial, created)))
             else:
                 candidate.ms = _modelled_ms(trial, created, context.target)
         if timing == "measured":
-            usable = [c for c in choice.candidates if c.usable]
-            times = _interleaved_ms([dense_call] + [c._call for c in usable], device)
+            times = _interleaved_ms([_layer_program(graph, nodes)] + [call for _c, call in programs],
+                                    device)
             choice.dense_ms = times[0]
-            for candidate, ms in zip(usable, times[1:]):
+            for (candidate, _call), ms in zip(programs, times[1:]):
                 candidate.ms = ms
         else:
             choice.dense_ms = _modelled_ms(graph, nodes, context.target)
-        for candidate in choice.candidates:
-            candidate.__dict__.pop("_call", None)
         choices.append(choice)
         if progress:
             progress(path)

@@ -81,7 +81,8 @@ from torch._guards import detect_fake_mode
 from slimline.ir.graph import Graph, module_path, stamp
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
 from slimline.passes.recovery import recover_features
-from slimline.passes.taps import run_tapped, site_bias, weight_readers
+from slimline.passes.taps import (calibration_samples, flops_text, run_tapped, site_bias,
+                                  site_params, weight_readers)
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "LowRankDecision", "Spectrum",
            "spectrum", "break_even_rank"]
@@ -582,15 +583,6 @@ def _replace(graph: Graph, emit: _Emitter, layer: _Layer, first: torch.Tensor, s
     return hidden, output, graph.attribute(first_node), graph.attribute(second_node)
 
 
-def _flops_text(nodes: list[fx.Node], graph: Graph) -> str:
-    from slimline.ir.cost import node_cost
-
-    try:
-        return str(sum((node_cost(n, graph.rename).flops for n in nodes), 0))
-    except Exception:  # no shape metadata: the report says so rather than guessing
-        return "?"
-
-
 # ---------------------------------------------------------------------------------------------
 # recovery: PELA's intermediate stage
 
@@ -623,14 +615,6 @@ def _recover(student: Graph, teacher: Graph, done: list[tuple[_Layer, fx.Node, t
 
 # ---------------------------------------------------------------------------------------------
 # the entry point
-
-
-def _samples(graph: Graph, context: PassContext) -> tuple[list, list]:
-    samples = list(context.calibration or []) or [(graph.example_args, graph.example_kwargs)]
-    references = context.reference_outputs
-    if references is None or len(references) != len(samples):
-        references = [graph.run(a, k) for a, k in samples]
-    return samples, list(references)
 
 
 def _validate(config: Config) -> None:
@@ -742,12 +726,6 @@ class _SubProbe:
         return self.probe.output_losses(samples)
 
 
-def _site_params(graph: Graph, node: fx.Node) -> int:
-    weight = graph.attribute(node.args[1]) if isinstance(node.args[1], fx.Node) else None
-    bias = site_bias(graph, node)
-    return (0 if weight is None else weight.numel()) + (0 if bias is None else bias.numel())
-
-
 def _decision(layer: _Layer) -> LowRankDecision:
     before = layer.params + layer.bias_params
     rank = layer.rank
@@ -774,14 +752,14 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
             stats["linear_sites"] += 1
             found = _check(graph, node, config, readers)
             if isinstance(found, _Layer):
-                found.flops = (_flops_text([node], graph),) * 2
+                found.flops = (flops_text([node], graph),) * 2
                 layers.append(found)
             else:
                 kept.append((node, found))
-    all_params = sum(_site_params(graph, n) for n, _reason in kept)
+    all_params = sum(site_params(graph, n) for n, _reason in kept)
     all_params += sum(layer.params + layer.bias_params for layer in layers)
 
-    samples, references = _samples(graph, context)
+    samples, references = calibration_samples(graph, context)
     if layers:
         _fit(graph, layers, samples, config)
         _choose_ranks(graph, layers, samples, references, config, context, all_params, stats)
@@ -794,7 +772,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
             continue
         first, second = layer.spectra[layer.method_at(layer.rank)].factors(layer.rank, layer.weight.dtype)
         hidden, output, first, second = _replace(graph, emit, layer, first, second)
-        layer.flops = (layer.flops[0], _flops_text([hidden, output], graph))
+        layer.flops = (layer.flops[0], flops_text([hidden, output], graph))
         done.append((layer, output, first, second))
     if done and config.recover > 0:
         graph.recompile()
@@ -804,7 +782,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
 
     decisions: list[LayerDecision] = [_decision(layer) for layer in layers]
     for node, reason in kept:
-        params, flops = _site_params(graph, node), _flops_text([node], graph)
+        params, flops = site_params(graph, node), flops_text([node], graph)
         decisions.append(LowRankDecision(module_path(node), "linear", KEPT, NAME, params, params,
                                          flops, flops, None, str(reason)))
         key = "kept_" + getattr(reason, "key", "other")

@@ -69,7 +69,8 @@ from slimline.monarch.projection import (UNEVEN_POLICIES, MonarchFactors, Monarc
                                          relative_errors)
 from slimline.passes.base import LayerDecision, PassContext, PassResult, Reason, tunable
 from slimline.passes.recovery import recover_features
-from slimline.passes.taps import run_tapped, site_bias, weight_readers
+from slimline.passes.taps import (calibration_samples, flops_text, run_tapped, site_bias,
+                                  site_params, weight_readers)
 
 __all__ = ["NAME", "EXACT", "TARGETS", "Config", "run", "MonarchDecision", "FACTOR_META"]
 
@@ -437,15 +438,6 @@ def _replace(graph: Graph, emit: _Emitter, layer: _Layer, right_bPQ: torch.Tenso
     return y, [right, left]
 
 
-def _flops_text(nodes: list[fx.Node], graph: Graph) -> str:
-    from slimline.ir.cost import node_cost
-
-    try:
-        return str(sum((node_cost(n, graph.rename).flops for n in nodes), 0))
-    except Exception:  # no shape metadata: the report says so rather than guessing
-        return "?"
-
-
 def _new_nodes(graph: Graph, output: fx.Node) -> list[fx.Node]:
     """The call nodes this pass created for one layer (walking back from its output)."""
     found, frontier = [], [output]
@@ -486,20 +478,6 @@ def _validate(config: Config) -> None:
     if config.uneven not in UNEVEN_POLICIES:
         raise ConfigError(f"unknown monarch uneven policy {config.uneven!r}", stage="passes",
                           where="passes['monarch'].uneven", hint=f"use one of: {', '.join(UNEVEN_POLICIES)}")
-
-
-def _samples(graph: Graph, context: PassContext) -> tuple[list, list]:
-    samples = list(context.calibration or []) or [(graph.example_args, graph.example_kwargs)]
-    references = context.reference_outputs
-    if references is None or len(references) != len(samples):
-        references = [graph.run(a, k) for a, k in samples]
-    return samples, list(references)
-
-
-def _site_params(graph: Graph, node: fx.Node) -> int:
-    weight = graph.attribute(node.args[1]) if isinstance(node.args[1], fx.Node) else None
-    bias = site_bias(graph, node)
-    return (0 if weight is None else weight.numel()) + (0 if bias is None else bias.numel())
 
 
 def _decision(layer: _Layer) -> MonarchDecision:
@@ -554,14 +532,14 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
             stats["linear_sites"] += 1
             found = _check(graph, node, config, readers)
             if isinstance(found, _Layer):
-                found.flops = (_flops_text([node], graph),) * 2
+                found.flops = (flops_text([node], graph),) * 2
                 layers.append(found)
             else:
                 refused.append((node, found))
-    all_params = sum(_site_params(graph, n) for n, _reason in refused)
+    all_params = sum(site_params(graph, n) for n, _reason in refused)
     all_params += sum(layer.params + layer.bias_params for layer in layers)
 
-    samples, references = _samples(graph, context)
+    samples, references = calibration_samples(graph, context)
     if layers:
         _fit(layers, _covariances(graph, layers, samples, config.damping))
         _apply_gate(layers, config)
@@ -576,7 +554,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
             continue
         factors = layer.factors.to(dtype=layer.weight.dtype, device=layer.weight.device)
         output, tensors = _replace(graph, emit, layer, factors.right_bPQ, factors.left_bQS)
-        layer.flops = (layer.flops[0], _flops_text(_new_nodes(graph, output), graph))
+        layer.flops = (layer.flops[0], flops_text(_new_nodes(graph, output), graph))
         done.append((layer, output, [graph.attribute(t) for t in tensors]))
     if done and config.recover > 0:
         graph.recompile()
@@ -586,7 +564,7 @@ def run(graph: Graph, config: Config, context: PassContext) -> PassResult:
 
     decisions: list[LayerDecision] = [_decision(layer) for layer in layers]
     for node, reason in refused:
-        params, flops = _site_params(graph, node), _flops_text([node], graph)
+        params, flops = site_params(graph, node), flops_text([node], graph)
         decisions.append(MonarchDecision(module_path(node), "linear", KEPT, NAME, params, params,
                                          flops, flops, None, str(reason)))
         key = _reason_key(str(reason))

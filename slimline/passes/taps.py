@@ -3,7 +3,9 @@
 - :func:`weight_readers`: who reads each constant tensor (tied weights show up as two readers);
 - :func:`site_bias`: the bias tensor of an ``aten.linear`` site, if any;
 - :func:`run_tapped`: run a graph on one calibration sample, handing the input and output of each
-  watched node to a sink (covariances, teacher and student features).
+  watched node to a sink (covariances, teacher and student features);
+- :func:`site_params`, :func:`flops_text`, :func:`calibration_samples`: the per-layer table's
+  figures and the samples (with the original's outputs) a pass measures on.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 
 from slimline.ir.graph import Graph
+from slimline.passes.base import PassContext
 
-__all__ = ["weight_readers", "site_bias", "run_tapped"]
+__all__ = ["weight_readers", "site_bias", "site_params", "run_tapped", "flops_text",
+           "calibration_samples"]
 
 
 def weight_readers(graph: Graph) -> dict[int, list[fx.Node]]:
@@ -46,7 +50,8 @@ class _Tap(fx.Interpreter):
         value = super().run_node(node)
         key = self.watched.get(node)
         if key is not None:
-            self.sink(key, self.env[node.args[0]] if node.args else None, value)
+            first = node.args[0] if node.args else None  # a get_attr's is its name
+            self.sink(key, self.env[first] if isinstance(first, fx.Node) else None, value)
         return value
 
 
@@ -57,3 +62,29 @@ def run_tapped(module: fx.GraphModule, sample: tuple, watched: dict, sink: Calla
     flat = fx_pytree.tree_flatten_spec((args, kwargs), spec) if spec is not None else list(args)
     output = _Tap(module, watched, sink).run(*flat, enable_io_processing=False)
     return module.graph._codegen.process_outputs(output)
+
+
+def site_params(graph: Graph, node: fx.Node) -> int:
+    """Weight and bias elements of a linear site."""
+    weight = graph.attribute(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+    bias = site_bias(graph, node)
+    return (0 if weight is None else weight.numel()) + (0 if bias is None else bias.numel())
+
+
+def flops_text(nodes: list[fx.Node], graph: Graph) -> str:
+    """The nodes' FLOPs as sympy text, or ``"?"`` without shape metadata."""
+    from slimline.ir.cost import node_cost
+
+    try:
+        return str(sum((node_cost(n, graph.rename).flops for n in nodes), 0))
+    except Exception:  # no shape metadata: the report says so rather than guessing
+        return "?"
+
+
+def calibration_samples(graph: Graph, context: PassContext) -> tuple[list, list]:
+    """The calibration samples (default: the example inputs) and the original's outputs on them."""
+    samples = list(context.calibration or []) or [(graph.example_args, graph.example_kwargs)]
+    references = context.reference_outputs
+    if references is None or len(references) != len(samples):
+        references = [graph.run(a, k) for a, k in samples]
+    return samples, list(references)
