@@ -4,7 +4,9 @@ One budget for all: ``Budget(metric="bits_per_byte", max_loss=--budget, inputs=<
 where the calibration text is a slice of the *training* stream. Variants, each through
 ``slimline.optimize(..., mode="balanced", target=--target)``:
 
-    dense       the original model (the anchor of both columns)
+    dense       the original model, uncompiled (the anchor of both columns)
+    lossless    mode="lossless": the same layers through the target's backend (on cuda Inductor +
+                CUDA graphs), so the lossy variants' gains can be read apart from the compiler's
     mix         default balanced passes: the implementation choice picks dense / low-rank /
                 Monarch (/ int8 / int4 on cuda) per layer under the budget
     lowrank     passes={"lowrank": {}}: low-rank alone, ranks spent by its own budget search
@@ -12,7 +14,7 @@ where the calibration text is a slice of the *training* stream. Variants, each t
     quantize    passes={"quantize": {}} (cuda only): int8 weights alone
 
 Judged on data the choice never saw: bits/byte on the first --heldout-bytes of the stdlib
-*validation* stream. Speed: the optimized model's call at the example shape (batch 2 x 128 bytes),
+*validation* stream. Speed: the optimized model's call at the example shape (``--batch`` rows of 128 bytes, default 2),
 all variants timed round-robin in one process (CPU: median process CPU time per call, wall
 times beside it; CUDA: CUDA events, median), as a ratio to dense.
 
@@ -89,7 +91,9 @@ def main() -> int:
     parser.add_argument("--calibration-bytes", type=int, default=4096)
     parser.add_argument("--heldout-bytes", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--variants", default="mix,lowrank,monarch,quantize")
+    parser.add_argument("--batch", type=int, default=2,
+                        help="example batch (rows of 128 bytes): the shape optimized and timed")
+    parser.add_argument("--variants", default="lossless,mix,lowrank,monarch,quantize")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -109,12 +113,15 @@ def main() -> int:
     heldout = text_eval_set(args.model, max_bytes=args.heldout_bytes, window=window)
     budget = Budget("bits_per_byte", args.budget, inputs=calibration)
     device = "cuda" if args.target == "cuda" else "cpu"
+    if args.batch != example[0].shape[0]:   # rows of training text at the asked batch
+        rows_text = corpus.train[: args.batch * window]
+        example = (torch.tensor(list(rows_text), dtype=torch.int64).view(args.batch, window),) + tuple(example[1:])
     example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 
     variants = [v for v in args.variants.split(",") if v]
     if args.target != "cuda":
         variants = [v for v in variants if v != "quantize"]
-    passes = {"mix": None, "lowrank": {"lowrank": {}}, "monarch": {"monarch": {}},
+    passes = {"lossless": None, "mix": None, "lowrank": {"lowrank": {}}, "monarch": {"monarch": {}},
               "quantize": {"quantize": {}}}
     rows: dict[str, dict] = {}
     runners: dict[str, object] = {}
@@ -132,8 +139,10 @@ def main() -> int:
         begin = time.perf_counter()
         try:
             optimized = slimline.optimize(model.cpu() if args.target != "cuda" else model,
-                                          example, target=args.target, mode="balanced",
-                                          passes=passes[name], budget=budget,
+                                          example, target=args.target,
+                                          mode="lossless" if name == "lossless" else "balanced",
+                                          passes=passes[name],
+                                          budget=None if name == "lossless" else budget,
                                           dynamic_shapes=reference_dynamic_shapes(args.model))
         except Exception as error:
             rows[name] = {"failed": f"{type(error).__name__}: {error}"[:400],
@@ -166,6 +175,8 @@ def main() -> int:
         "fastest_single": best_single,
         "mix_vs_fastest_single": (times[best_single]["ms"] / times["mix"]["ms"]
                                   if best_single and "mix" in times else None),
+        "mix_vs_lossless": (times["lossless"]["ms"] / times["mix"]["ms"]
+                            if "lossless" in times and "mix" in times else None),
     }
     result = {"benchmark": "choose_gpt_small", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
@@ -182,7 +193,8 @@ def main() -> int:
         print(f"{name:10s} {row['heldout_bits_per_byte']:10.4f} {100 * row['relative']:+7.2f}% "
               f"{row.get('ms', math.nan):9.3f} {row.get('speedup_vs_dense', math.nan):8.3f}")
     print("verdict:", verdict)
-    out = Path(args.out) if args.out else RESULTS / f"choose_{args.model}_{args.target}.json"
+    suffix = "" if args.batch == 2 else f"_b{args.batch}"
+    out = Path(args.out) if args.out else RESULTS / f"choose_{args.model}_{args.target}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))
