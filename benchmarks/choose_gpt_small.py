@@ -113,8 +113,11 @@ def main() -> int:
     heldout = text_eval_set(args.model, max_bytes=args.heldout_bytes, window=window)
     budget = Budget("bits_per_byte", args.budget, inputs=calibration)
     device = "cuda" if args.target == "cuda" else "cpu"
-    if args.batch != example[0].shape[0]:   # rows of training text at the asked batch
-        rows_text = corpus.train[: args.batch * window]
+    if args.batch != example[0].shape[0]:
+        # rows of training text at the asked batch, after the calibration slice: the passes fit
+        # (whitening, recovery) on the example, and the budget must not be judged on the same bytes
+        start = args.calibration_bytes + 1
+        rows_text = corpus.train[start: start + args.batch * window]
         example = (torch.tensor(list(rows_text), dtype=torch.int64).view(args.batch, window),) + tuple(example[1:])
     example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 

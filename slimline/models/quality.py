@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
@@ -253,8 +254,9 @@ def trained_model(name: str) -> nn.Module:
 
 def _device(model: Any) -> torch.device:
     if isinstance(model, nn.Module):
-        parameter = next(model.parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
+        # a captured graph holds its weights as buffers, not parameters: look at both
+        tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
     return torch.device("cuda" if getattr(model, "target", "cpu") == "cuda" else "cpu")
 
 

@@ -197,3 +197,17 @@ def test_minilm_eval_set_is_over_500_distinct_docstring_sentences():
     assert len(sentences) == SENTENCE_COUNT >= 500 and len(set(sentences)) == len(sentences)
     assert all(s[0].isupper() and s.endswith(".") for s in sentences)
     assert docstring_sentences(20) == sentences[:20]
+
+
+def test_metrics_run_a_captured_graph_where_its_weights_live():
+    """A captured graph holds its weights as buffers, not parameters: the inputs follow them."""
+    from slimline.models.quality import _device
+
+    class BuffersOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.zeros(2, device="meta"))
+
+    assert _device(BuffersOnly()) == torch.device("meta")
+    assert _device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert _device(torch.nn.ReLU()) == torch.device("cpu")
