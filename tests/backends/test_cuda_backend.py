@@ -152,8 +152,10 @@ def test_static_decode_attention_writes_the_slot_and_attends_up_to_position(posi
     angles = torch.rand(S, D // 2, generator=generator).repeat(1, 2).to(DEVICE) * 3
     cos, sin = angles.cos(), angles.sin()
     out = _poisoned((H * D,))
+    partials = k.attention_partials(H, S, D, torch.device(DEVICE))
     k.static_decode_attention(qkv, keys, values, cos, sin, torch.tensor([position], device=DEVICE), out,
-                              k.attention_partials(H, S, D, torch.device(DEVICE)), H, Hkv, D ** -0.5)
+                              partials, H, Hkv, D ** -0.5)
+    assert not partials[3].any()  # the last split of each head reset its counter
     q, kn, vn = qkv.split([H * D, Hkv * D, Hkv * D])
     q = rotate(q.view(H, D), cos[position], sin[position])
     kn = rotate(kn.view(Hkv, D), cos[position], sin[position])
@@ -166,6 +168,24 @@ def test_static_decode_attention_writes_the_slot_and_attends_up_to_position(posi
     probs = torch.softmax((visible_k @ q[:, :, None])[..., 0] * D ** -0.5, dim=-1)  # (H, P)
     expected = (probs[:, None, :] @ visible_v)[:, 0].reshape(-1)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@KERNELS
+def test_advance_takes_the_first_maximum_moves_on_and_embeds_it():
+    from slimline.backends.cuda import decode_kernels as k
+
+    generator = torch.Generator().manual_seed(4)
+    V, C = 300, 24
+    logits = torch.randn(V, generator=generator).to(DEVICE)
+    logits[[17, 250]] = logits.max() + 1  # a tie: argmax takes the first
+    embedding = torch.randn(V, C, generator=generator).to(DEVICE)
+    x, token = _poisoned((C,)), torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    position = torch.tensor([5], device=DEVICE)
+    history = torch.full((9,), -1, dtype=torch.int64, device=DEVICE)
+    k.advance(logits, embedding, x, token, position, history)
+    assert int(token) == int(torch.argmax(logits)) == 17
+    assert int(position) == 6 and history.tolist() == [-1] * 6 + [17] + [-1] * 2
+    assert torch.equal(x, embedding[17])
 
 
 # -- StaticDecoder ---------------------------------------------------------------------------------
@@ -292,3 +312,75 @@ def test_graph_runner_runs_eagerly_and_says_why_when_capture_fails():
     torch.testing.assert_close(runner(torch.ones(2), scale=3.0), torch.full((2,), 3.0))
     assert runner.counts == {"replays": 0, "eager_calls": 2, "captures": 0}
     assert len(runner.eager) == 1  # one signature, one reason, not retried
+
+
+# -- low-rank mode -------------------------------------------------------------------------------
+
+def test_truncated_svd_is_exact_at_full_rank_and_optimal_below():
+    from slimline.backends.cuda.decoder import rank_for, truncated_svd
+
+    generator = torch.Generator().manual_seed(6)
+    for shape in ((24, 10), (10, 24)):
+        weight = torch.randn(*shape, generator=generator)
+        u, v = truncated_svd(weight, 10)
+        torch.testing.assert_close(u @ v, weight, rtol=1e-5, atol=1e-5)
+        u, v = truncated_svd(weight, 4)
+        assert u.shape == (shape[0], 4) and v.shape == (4, shape[1])
+        singular = torch.linalg.svdvals(weight.double())
+        error = torch.linalg.matrix_norm((u @ v - weight).double())  # Eckart-Young: the tail's energy
+        torch.testing.assert_close(error, singular[4:].pow(2).sum().sqrt(), rtol=1e-6, atol=1e-6)
+    assert rank_for((6144, 2048), 0.5) == 768 and rank_for((2048, 2048), 0.5) == 512
+    assert rank_for((11264, 2048), 0.5) == 832  # 866 rounded down to a multiple of 64
+
+
+def test_lowrank_weights_hold_the_fraction_asked_and_prefill_through_factors():
+    from slimline.backends.cuda.decoder import factorise, fuse_weights
+
+    model = _tiny_llama()
+    dense = fuse_weights(model, 32)
+    fused = fuse_weights(model, 32)
+    report = factorise(fused, rank_fraction=0.5)
+    for name, family in report["families"].items():
+        assert family["params_factors"] <= 0.5 * family["params_dense"]
+        N, K = family["shape"]
+        assert (family["rank"] + 1) * (N + K) > 0.5 * N * K  # the largest rank inside the budget
+        assert fused.layers[0].factors[name][0].shape == (N, family["rank"]) and getattr(fused.layers[0], name) is None
+    assert report["fraction_layers"] <= 0.5
+    assert fused.linear_params()["layers"] == report["linear_params_after"]["layers"]
+    assert fused.weight_bytes() < dense.weight_bytes()
+    full = fuse_weights(model, 32)
+    factorise(full, ranks=10_000)  # capped at min(N, K): the pairs reproduce the matrices
+    prompt = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(full(prompt)[0], dense(prompt)[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fused(prompt)[0], dense(prompt)[0], rtol=1e-3, atol=1e-3)
+    with pytest.raises(InputError, match="rank_fraction"):
+        factorise(fuse_weights(model, 32), rank_fraction=1.5)
+
+
+@KERNELS
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_lowrank_decoder_at_full_rank_reproduces_the_dense_decoder(family):
+    from slimline.backends.cuda.decoder import StaticDecoder
+    from slimline.models.gpt import GPT, GPTConfig
+
+    if family == "llama":
+        model, vocab = _tiny_llama(), 64
+    else:
+        torch.manual_seed(0)
+        model, vocab = GPT(GPTConfig(context_length=64, n_layer=1, n_head=2, d_model=32)).eval(), 256
+    prompt = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(7))
+    dense = StaticDecoder(model, 12, tune=False)
+    full = StaticDecoder(model, 12, tune=False, ranks=10_000)
+    half = StaticDecoder(model, 12, tune=False, rank_fraction=0.5)
+    for decoder in (dense, full, half):
+        _small_configs(decoder)
+    assert full.stages["up"] == ["up.v", "up.u"] and dense.stages["up"] == ["up"]
+    assert full.report["launches_per_step"] == dense.report["launches_per_step"] + 4
+    tokens = dense.generate(prompt, 4)
+    assert full.generate(prompt, 4).tolist() == tokens.tolist()
+    torch.testing.assert_close(full.logits, dense.logits, rtol=1e-4, atol=1e-4)
+    half_tokens = half.generate(prompt, 4)  # a different model: its own prefill form is the reference
+    with torch.no_grad():
+        expected = half.weights(half_tokens[:, :-1])[0][0]
+    torch.testing.assert_close(half.logits, expected, rtol=1e-4, atol=1e-4)
+    assert half.report["lowrank"]["fraction_layers"] <= 0.5
