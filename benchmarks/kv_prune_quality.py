@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--policies", default="keyformer,h2o,streaming")
     parser.add_argument("--seeds", type=int, default=None, help="Keyformer Gumbel-noise seeds (default 3 tiny, 2 small)")
     parser.add_argument("--window", type=float, default=0.3, help="recent window, fraction of the budget")
+    parser.add_argument("--fixed", action="store_true",
+                        help="the paper's budget: k = budget x prompt tokens, fixed while decoding (one eviction "
+                             "per step); default: a fraction of the tokens seen (the cache grows by f per token)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=None,
                         help="start no new batch of windows after this many minutes (the record says how many ran)")
@@ -167,7 +170,8 @@ def main() -> None:
     for budget in budgets:
         for policy in policies:
             for seed in (range(args.seeds) if policy == "keyformer" else [0]):
-                configs[(policy, budget, seed)] = {"policy": policy, "budget": budget, "window": args.window,
+                size = max(1, round(budget * prompt)) if args.fixed else budget
+                configs[(policy, budget, seed)] = {"policy": policy, "budget": size, "window": args.window,
                                                    "seed": seed}
     deadline = None if args.minutes is None else started + 60 * args.minutes
     runs = teacher_forced_all(model, windows, prompt, steps, configs, batch, deadline)
@@ -238,7 +242,9 @@ def main() -> None:
         "held_out_matches_card": hashlib.sha256(held_out_text()).hexdigest() == card["corpus"]["sha256_validation"],
         "protocol": {"prompt_bytes": prompt, "scored_bytes_per_window": steps, "scored_bytes": targets.numel(),
                      "window": args.window, "streaming_sinks": 4, "keyformer_tau": [1.0, 2.0],
-                     "budget_meaning": "fraction of the tokens seen: f of the prompt after prefill"},
+                     "budget_meaning": ("fixed: round(f x prompt) tokens for the whole decode, one eviction per "
+                                        "step (the Keyformer paper's setting)") if args.fixed else
+                                       "fraction of the tokens seen: f of the prompt after prefill"},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "device": f"cpu ({platform.machine()}, {args.threads} thread(s))",
         "seconds": round(time.time() - started, 1),
@@ -252,11 +258,15 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"kv_prune_quality_{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    stem = f"kv_prune_quality_{name}" + ("_fixed" if args.fixed else "")
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown_table(rows, full)
     lines = [f"# KV-cache pruning quality on {name}", "",
              f"{record['data']}; prompt {prompt} bytes (full attention), then {steps} bytes teacher-forced "
-             f"through the pruned cache and scored ({targets.numel():,} bytes). Keyformer: "
+             f"through the pruned cache and scored ({targets.numel():,} bytes). Budget: "
+             + ("the paper's, round(f x prompt) tokens fixed while decoding (one eviction per step). "
+                if args.fixed else "f of the tokens seen (the cache grows by f per decoded token). ")
+             + "Keyformer: "
              + (f"mean of {args.seeds} Gumbel seeds (± half the range)" if args.seeds > 1 else "Gumbel seed 0")
              + f". Window {args.window:.0%} of the budget for "
              f"Keyformer and H2O; StreamingLLM: 4 sinks + recent. KV bytes and keys read are relative to a "
@@ -265,7 +275,7 @@ def main() -> None:
              "Paired per-window differences in bits/byte (95% interval):", ""]
     lines += [f"- {name_}: {c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" for name_, c in comparisons.items()]
     lines += ["", "Acceptance:", ""] + [f"- {'met' if ok else 'NOT met'}: {what}" for what, ok in checks.items()]
-    (out / f"kv_prune_quality_{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"harness check: decode-loop full cache vs whole-sequence forward, max |Δlogit| {harness_error:.2e}")
     print("\n".join(lines[2:]))
 

@@ -65,11 +65,14 @@ def decode_attention_torch(
     key: torch.Tensor,  # (B, Hkv, S, D) the cache, the new token already written
     value: torch.Tensor,  # (B, Hkv, S, D)
     scale: float,
+    length: torch.Tensor | None = None,  # (1,) int: slots [length, S) are unused (logits -inf)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (B, H, 1, D), logits (B, Hkv, G, S)
     B, H, _, D = query.shape
-    Hkv = key.shape[1]
+    Hkv, S = key.shape[1], key.shape[2]
     query_BHkvGD = query.view(B, Hkv, H // Hkv, D)  # the G query heads of a group act as G queries
     logits = torch.matmul(query_BHkvGD, key.transpose(-2, -1)) * scale  # (B, Hkv, G, S)
+    if length is not None:
+        logits = logits.masked_fill(torch.arange(S, device=key.device) >= length, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, Hkv, G, D)
     return out.view(B, H, 1, D), logits
@@ -82,23 +85,26 @@ def decode_attention(
     scale: float,
     want_logits: bool = True,
     kernel: str | None = None,
+    length: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, H, 1, D), logits (B, Hkv, G, S) or None
     """``kernel``: "torch", "triton" (CUDA; :mod:`slimline.kv.triton_attention`), or None = triton
-    on CUDA when it is installed and has not failed here, else torch. ``KERNEL_COUNTS`` says which ran."""
+    on CUDA when it is installed and has not failed here, else torch. ``KERNEL_COUNTS`` says which ran.
+    ``length``: a (1,) device tensor; only slots below it hold tokens (a cache filling up inside one
+    captured CUDA graph), the rest get -inf logits and are not read by the Triton kernel."""
     if kernel is None:
         kernel = "triton" if query.is_cuda and _triton_usable() else "torch"
     if kernel == "triton":
         from slimline.kv.triton_attention import decode_attention_triton
 
         try:
-            result = decode_attention_triton(query, key, value, scale, want_logits)
+            result = decode_attention_triton(query, key, value, scale, want_logits, length)
             KERNEL_COUNTS["triton"] += 1
             return result
         except Exception as error:  # a kernel that cannot build here must not stop generation
             if KERNEL_COUNTS.get("triton_failed") is None:
                 KERNEL_COUNTS["triton_failed"] = f"{type(error).__name__}: {error}"[:300]
     KERNEL_COUNTS["torch"] += 1
-    out, logits = decode_attention_torch(query, key, value, scale)
+    out, logits = decode_attention_torch(query, key, value, scale, length)
     return out, (logits if want_logits else None)
 
 

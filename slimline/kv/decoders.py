@@ -132,11 +132,13 @@ class DecoderAdapter:
         return self.head(x), torch.stack(keys), torch.stack(values)
 
     def decode(self, idx: torch.Tensor, input_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               slot: int | torch.Tensor, want_attention: bool = False, in_place: bool = True):
+               slot: int | torch.Tensor, want_attention: bool = False, in_place: bool = True,
+               length: torch.Tensor | None = None):
         """One token idx (B, 1) at position input_pos (1,) against the cache (L, B, Hkv, S, D).
 
         The new key/value goes into ``slot`` (an int, or (L, B, Hkv) per head) before attention,
-        in place unless ``in_place`` is False. Returns (logits (B, 1, V), attention logits
+        in place unless ``in_place`` is False. ``length`` (a (1,) device tensor): only slots below
+        it hold tokens (see :func:`slimline.kv.attention.decode_attention`). Returns (logits (B, 1, V), attention logits
         (L, B, Hkv, G, S) or None, keys', values') — keys'/values' are the inputs when in place.
         """
         x = self.embed(idx)  # (B, 1, C)
@@ -148,7 +150,7 @@ class DecoderAdapter:
             key_cache = write_slot(keys[layer], layer_slot, k, in_place)  # (B, Hkv, S, D)
             value_cache = write_slot(values[layer], layer_slot, v, in_place)
             attended, logits = decode_attention(q, key_cache, value_cache, self.scale, want_attention,
-                                                 self.kernel)
+                                                 self.kernel, length)
             x = self.finish_layer(layer, x, attended)
             if want_attention:
                 attention.append(logits)

@@ -32,14 +32,20 @@ class Keyformer(EvictionPolicy):
         self.seed = seed
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def gumbel_noise(self, like: torch.Tensor) -> torch.Tensor:
+    def gumbel_noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         # ζ = -log(E), E ~ Exponential(1)
         exponential = torch.empty(like.shape, dtype=torch.float32, device=like.device)
-        return exponential.exponential_(generator=self.generator).log_().neg_()
+        return exponential.exponential_(generator=generator).log_().neg_()
 
     def weights(self, logits_K: torch.Tensor, step: int) -> torch.Tensor:
-        noisy = logits_K.float() + self.gumbel_noise(logits_K)  # -inf stays -inf
-        return torch.softmax(noisy / self.temperature(step), dim=-1)
+        return self.weights_at(logits_K, self.temperature(step), self.generator)
+
+    def weights_at(self, logits_K: torch.Tensor, temperature: float | torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+        """The weights at a given τ (a float, or a device tensor a captured CUDA graph reads), noise
+        drawn from ``generator`` (None: the device's default generator, which CUDA graphs replay)."""
+        noisy = logits_K.float() + self.gumbel_noise(logits_K, generator)  # -inf stays -inf
+        return torch.softmax(noisy / temperature, dim=-1)
 
     def prompt_key(self) -> tuple:
         return (self.name, self.seed, self.temperature(0), self.generator.device.type)

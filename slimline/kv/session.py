@@ -26,7 +26,7 @@ import torch
 
 from slimline.errors import InputError
 from slimline.kv.base import EvictionPolicy
-from slimline.kv.cache import CompactKVCache, keep_indices, protected_slots
+from slimline.kv.cache import EMPTY, CompactKVCache, keep_indices, protected_slots
 from slimline.kv.decoders import DecoderAdapter, adapter_for
 from slimline.kv.h2o import H2O
 from slimline.kv.keyformer import Keyformer
@@ -168,9 +168,10 @@ class DecodeSession:
         return logits[:, -1]
 
     def kept_positions(self) -> torch.Tensor:
-        """(L, B, Hkv, kept) positions of the tokens in the cache, ascending (a freed slot left out)."""
+        """(L, B, Hkv, kept) positions of the tokens in the cache, ascending (freed or unused slots left out)."""
         positions = self.cache.positions[..., : self.cache.filled].sort(dim=-1).values
-        return positions[..., 1:] if self.cache.free_slot is not None else positions
+        empty = int((positions.flatten(0, 2)[0] == EMPTY).sum())  # as many in every layer, sequence and head
+        return positions[..., empty:]
 
 
 @torch.no_grad()

@@ -11,7 +11,10 @@ launch, and a second small launch combines the splits (flash-decoding).
                     (running max m, sum l, weighted value sum acc) over its keys
     combine kernel  program (b, h): M = max m_i; out = Σ e^(m_i-M)·acc_i / Σ e^(m_i-M)·l_i
 
-Every split starts below S, so its first block holds a real key and its running max is finite.
+With ``length`` (a device tensor, so a CUDA graph can replay one launch while the cache fills)
+only slots below it are read; a split, or a block, with no key yet keeps m = -inf, l = 0 and
+adds nothing (its exponentials are taken against 0, not -inf, so no NaN); at least one key
+must be valid.
 Loop bounds are compile-time constants (the interpreter and triton 3.6 both like that). K and V
 may be strided views (the compact cache's ``[..., :filled, :]``) with a contiguous last dim.
 
@@ -45,13 +48,13 @@ def interpreting() -> bool:
 if AVAILABLE:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, m_ptr, l_ptr, acc_ptr,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, logits_ptr, m_ptr, l_ptr, acc_ptr, length_ptr,
                       S, H, G, Hkv, scale,
                       stride_qb, stride_qh,
                       stride_kb, stride_kh, stride_ks,
                       stride_vb, stride_vh, stride_vs,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCKS_PER_SPLIT: tl.constexpr, STORE_LOGITS: tl.constexpr):
+                      BLOCKS_PER_SPLIT: tl.constexpr, STORE_LOGITS: tl.constexpr, HAS_LENGTH: tl.constexpr):
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -67,19 +70,23 @@ if AVAILABLE:
         m = tl.full((), float("-inf"), tl.float32)
         l = tl.zeros((), tl.float32)
         acc = tl.zeros((BLOCK_D,), tl.float32)
+        valid = S
+        if HAS_LENGTH:  # slots [length, S) are unused: read nothing there, logits -inf
+            valid = tl.minimum(tl.load(length_ptr).to(tl.int32), S)
         start = split * (BLOCK_S * BLOCKS_PER_SPLIT)
         for block in range(BLOCKS_PER_SPLIT):
             offs_s = start + block * BLOCK_S + tl.arange(0, BLOCK_S)
-            mask_s = offs_s < S
+            mask_s = offs_s < valid
             mask = mask_s[:, None] & mask_d[None, :]
             k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=mask, other=0.0)
             s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,) scaled logits
-            if STORE_LOGITS:
-                tl.store(logits_ptr + pid_bh.to(tl.int64) * S + offs_s, s, mask=mask_s)
             s = tl.where(mask_s, s, float("-inf"))
+            if STORE_LOGITS:
+                tl.store(logits_ptr + pid_bh.to(tl.int64) * S + offs_s, s, mask=offs_s < S)
             m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no key yet: no NaN
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe)
             v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=mask, other=0.0)
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
@@ -115,7 +122,8 @@ def decode_attention_triton(
     value: torch.Tensor,  # (B, Hkv, S, D), last dim contiguous
     scale: float,
     want_logits: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, H, 1, D), logits (B, Hkv, G, S) float32
+    length: torch.Tensor | None = None,  # (1,) int on the device: only slots [0, length) are read
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, H, 1, D), logits (B, Hkv, G, S) float32 (-inf past length)
     B, H, _, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     G = H // Hkv
@@ -133,11 +141,12 @@ def decode_attention_triton(
     acc = torch.empty((B * H * num_splits, block_d), dtype=torch.float32, device=device)
     out = torch.empty((B, H, 1, D), dtype=query.dtype, device=device)
     _split_kernel[(B * H, num_splits)](
-        query, key, value, logits, m, l, acc, S, H, G, Hkv, float(scale),
+        query, key, value, logits, m, l, acc, m if length is None else length, S, H, G, Hkv, float(scale),
         query.stride(0), query.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
-        D=D, BLOCK_D=block_d, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=BLOCKS_PER_SPLIT, STORE_LOGITS=want_logits)
+        D=D, BLOCK_D=block_d, BLOCK_S=BLOCK_S, BLOCKS_PER_SPLIT=BLOCKS_PER_SPLIT, STORE_LOGITS=want_logits,
+        HAS_LENGTH=length is not None)
     _combine_kernel[(B * H,)](
         m, l, acc, out, num_splits, out.stride(0), out.stride(1), H,
         D=D, BLOCK_D=block_d, BLOCK_P=max(2, triton.next_power_of_2(num_splits)))

@@ -350,3 +350,188 @@ def test_the_loop_runs_the_same_with_the_triton_kernel(gpt, text):
     logits = torch.stack([session.step(text[:, PROMPT + i:PROMPT + i + 1]) for i in range(2)], dim=1)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(session.kept_positions(), reference.kept_positions())
+
+
+# ---------------------------------------------------------------------------------------------
+# Keyformer as the paper and its reference code define it, re-derived over absolute positions
+
+
+class TableAdapter:
+    """Stands in for a model: the attention logit of query position q on key position j in layer l,
+    sequence b, head h is ``table[l, b, h, q, j]``. Cached keys carry their position in channel 0,
+    so the compact cache's logits are looked up by the position each slot holds."""
+
+    def __init__(self, table: torch.Tensor, model):
+        self.table = table  # (L, B, H, T, T)
+        self.n_layer, _, self.n_kv_head = table.shape[:3]
+        self.n_head, self.head_size, self.model = self.n_kv_head, 2, model
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def check_length(self, total):
+        assert total <= self.table.shape[-1]
+
+    def prefill(self, idx, observe=None, all_logits=False):
+        L, B, H = self.table.shape[:3]
+        P = idx.shape[1]
+        future = torch.ones(P, P, dtype=torch.bool).triu(1)
+        for layer in range(L):
+            if observe is not None:
+                observe(layer, self.table[layer, :, :, :P, :P].masked_fill(future, float("-inf")).unsqueeze(2))
+        keys = torch.zeros(L, B, H, P, 2)
+        keys[..., 0] = torch.arange(P, dtype=torch.float32)
+        return torch.zeros(B, 1, 8), keys, keys.clone()
+
+    def decode(self, idx, input_pos, keys, values, slot, want_attention=False, in_place=True, length=None):
+        L, B, H = self.table.shape[:3]
+        position = int(input_pos)
+        if isinstance(slot, int):
+            keys[..., slot, 0] = position
+        else:
+            keys[..., 0].scatter_(-1, slot.unsqueeze(-1), float(position))
+        held = keys[..., 0].long()  # (L, B, H, S)
+        logits = self.table[:, :, :, position].gather(-1, held)  # (L, B, H, S)
+        return torch.zeros(B, 1, 8), logits.unsqueeze(3), keys, values
+
+
+def keyformer_by_masks(table, prompt, steps, budget, window, temperature, normalise=False):
+    """The selection of Keyformer's reference code, written over absolute positions with a keep
+    mask (no compaction): score = column sums of softmax(logits / τ) over the prompt's queries,
+    unnormalised (``normalise``: divided by the number of queries that saw each key — *not* the
+    paper's choice, kept here to show the test can tell them apart); dropped tokens take no part
+    in later softmaxes and keep no score; after the prompt keep the ``window`` newest + the top
+    (budget - window) older ones; every decode step adds the new token, accumulates, and evicts
+    the lowest-scored token older than the window. Returns the kept positions (L, B, H, budget)
+    after the prompt and after each step."""
+    L, B, H, T, _ = table.shape
+    P = prompt
+    logits = table[..., :P, :P].masked_fill(torch.ones(P, P, dtype=torch.bool).triu(1), float("-inf"))
+    score = torch.softmax(logits / temperature(0), dim=-1).sum(dim=-2)  # (L, B, H, P)
+    if normalise:
+        score = score / torch.arange(P, 0, -1)
+    older = score[..., : P - window]
+    keep = torch.zeros(L, B, H, T, dtype=torch.bool)
+    keep[..., P - window:P] = True
+    keep[..., : P - window].scatter_(-1, older.topk(budget - window, dim=-1).indices, True)
+    score = torch.cat([score, torch.zeros(L, B, H, T - P)], dim=-1) * keep
+    kept = [keep.nonzero()[:, -1].view(L, B, H, budget)]
+    for t in range(1, steps + 1):
+        q = P + t - 1
+        keep[..., q] = True
+        row = table[..., q, :].masked_fill(~keep, float("-inf"))
+        step_score = torch.softmax(row / temperature(t), dim=-1)
+        score = score + step_score
+        candidates = keep & (torch.arange(T) <= q - window)
+        victim = score.masked_fill(~candidates, float("inf")).argmin(dim=-1, keepdim=True)
+        keep.scatter_(-1, victim, False)
+        score = score * keep
+        kept.append(keep.nonzero()[:, -1].view(L, B, H, budget))
+    return kept
+
+
+@pytest.mark.parametrize("policy", ["keyformer", "h2o"])
+def test_selection_matches_the_papers_algorithm_per_layer_and_head(gpt, monkeypatch, policy):
+    """Per layer and head, prompt column sums, unnormalised accumulation, the window of the current
+    cache, one eviction per step at a fixed budget (Keyformer's noise is zeroed here to compare
+    choices exactly; its draws are checked on their own below)."""
+    from slimline.kv.keyformer import Keyformer
+
+    monkeypatch.setattr(Keyformer, "gumbel_noise", lambda self, like, generator=None: torch.zeros(like.shape))
+    L, B, H, P, N, budget = 3, 2, 4, 40, 20, 16
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(L, B, H, P + N, P + N, generator=generator) * 2
+    table[..., 5] += 3  # a few heavy hitters, so scores, not recency, decide
+    session = DecodeSession(gpt, {"policy": policy, "budget": budget, "window": 0.3}, steps=N)
+    session.adapter = TableAdapter(table, gpt)
+    session.prefill(torch.zeros(B, P, dtype=torch.int64))
+    plan = session.plan
+    window = plan.window(budget)
+    temperature = plan.temperature if policy == "keyformer" else (lambda step: 1.0)
+    expected = keyformer_by_masks(table, P, N, budget, window, temperature)
+    assert window == 4 and plan.temperature(N) == 2.0
+    assert torch.equal(session.kept_positions(), expected[0])
+    for t in range(1, N + 1):
+        session.step(torch.zeros(B, 1, dtype=torch.int64))
+        assert torch.equal(session.kept_positions(), expected[t]), f"step {t}"
+    assert session.stats["evictions"] == N and session.cache.capacity == budget + 1
+    per_head = expected[-1].flatten(0, 2)
+    assert len({tuple(row.tolist()) for row in per_head}) == L * B * H  # every head chose its own
+    normalised = keyformer_by_masks(table, P, N, budget, window, temperature, normalise=True)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, normalised))  # the test tells them apart
+
+
+def test_keyformer_weights_are_a_gumbel_softmax_at_the_scheduled_temperature():
+    from slimline.kv.keyformer import Keyformer
+
+    plan = make_plan(Config(budget=8), prompt_length=16, steps=10)
+    policy = Keyformer(plan.temperature, seed=3, device=torch.device("cpu"))
+    logits = torch.randn(2, 3, 1, 1, 50)
+    logits[..., 7] = float("-inf")  # a dropped key
+    noise = Keyformer(plan.temperature, seed=3, device=torch.device("cpu")).gumbel_noise(
+        logits, torch.Generator().manual_seed(3))
+    weights = policy.weights(logits, 5)
+    torch.testing.assert_close(weights, torch.softmax((logits + noise) / 1.5, dim=-1))
+    assert (weights[..., 7] == 0).all() and torch.allclose(weights.sum(-1), torch.ones(2, 3, 1, 1))
+    draws = policy.gumbel_noise(torch.empty(200_000), torch.Generator().manual_seed(1))
+    assert abs(float(draws.mean()) - 0.5772) < 0.01 and abs(float(draws.var()) - torch.pi ** 2 / 6) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# the fixed-size decoder (one CUDA graph a step on a GPU) computes what the session computes
+
+
+@pytest.mark.parametrize("kv_prune", [None, {"policy": "keyformer", "budget": 40},
+                                      {"policy": "h2o", "budget": 40, "window": 0.5},
+                                      {"policy": "streaming", "budget": 40}])
+def test_the_fixed_size_decoder_computes_what_the_session_does(gpt, text, kv_prune):
+    from slimline.kv.graphed import FixedSizeDecoder
+
+    expected, reference = teacher_forced(gpt, text, kv_prune)
+    session = DecodeSession(gpt, kv_prune, steps=STEPS)
+    session.prefill(text[:, :PROMPT])
+    decoder = FixedSizeDecoder(session, graph=False)
+    logits = torch.stack([decoder.step(text[:, PROMPT + i:PROMPT + i + 1]) for i in range(STEPS)], dim=1)
+    if kv_prune is None:  # attention over the whole buffer up to a length: the same up to rounding
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    else:  # the same ops on the same slots: bit for bit, and the same tokens kept
+        assert torch.equal(logits, expected)
+        assert torch.equal(session.kept_positions(), reference.kept_positions())
+        assert session.stats["evictions"] == STEPS and session.cache.keys.shape[3] == 41
+    assert session.stats["attention_key_reads"] == reference.stats["attention_key_reads"]
+    # greedy, fed back on the device
+    first = DecodeSession(gpt, kv_prune, steps=8)
+    start = first.prefill(text[:, :PROMPT]).argmax(-1, keepdim=True)
+    tokens = FixedSizeDecoder(first, graph=False).greedy(start, 8)
+    second = DecodeSession(gpt, kv_prune, steps=8)
+    token = second.prefill(text[:, :PROMPT]).argmax(-1, keepdim=True)
+    picks = []
+    for _ in range(8):
+        token = second.step(token).argmax(-1, keepdim=True)
+        picks.append(token)
+    assert torch.equal(tokens, torch.cat(picks, dim=1))
+
+
+def test_the_fixed_size_decoder_refuses_a_growing_cache(gpt, text):
+    from slimline.kv.graphed import FixedSizeDecoder
+
+    session = DecodeSession(gpt, {"budget": 0.5}, steps=STEPS)
+    session.prefill(text[:, :PROMPT])
+    with pytest.raises(SlimlineError, match="an int budget"):
+        FixedSizeDecoder(session, graph=False)
+
+
+@needs_triton
+def test_triton_decode_kernel_reads_only_up_to_a_device_length():
+    from slimline.kv.attention import decode_attention_torch
+    from slimline.kv.triton_attention import decode_attention_triton
+
+    generator = torch.Generator().manual_seed(9)
+    key, value = torch.randn(2, 1, 2, 600, 16, generator=generator)
+    query = torch.randn(1, 4, 1, 16, generator=generator)
+    for length in (1, 255, 300, 600):  # inside the first block; a split boundary; ragged; all
+        expected, expected_logits = decode_attention_torch(query, key[:, :, :length], value[:, :, :length], 0.25)
+        out, logits = decode_attention_triton(query, key, value, 0.25, length=torch.tensor([length]))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[..., :length], expected_logits, rtol=1e-5, atol=1e-5)
+        assert (logits[..., length:] == float("-inf")).all()
+        torch_out, torch_logits = decode_attention_torch(query, key, value, 0.25, torch.tensor([length]))
+        torch.testing.assert_close(torch_out, expected, rtol=1e-5, atol=1e-5)
