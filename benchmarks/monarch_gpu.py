@@ -10,10 +10,20 @@ this run:
 * ``two_bmm``   slimline's plain form (reshape, bmm, permute, bmm, transpose), eager and under a
                 CUDA graph;
 * ``fused``     slimline's Triton kernel, the fastest correct config of a small local search over
-                variants (splitk / phased for decode, stages / hybrid for prefill), block sizes
-                dividing the block dimensions, warps and stages
-                (``slimline.backends.cuda.monarch_kernel.candidate_configs``);
-* ``cublas_monarch`` (M = 4096) bmm, one permuting copy, bmm writing y through a strided view.
+                variants (rows / splitk / phased for decode, hybrid / stages for prefill), block
+                sizes dividing the block dimensions, warps and stages: the local list of
+                ``slimline.backends.cuda.monarch_kernel.candidate_configs`` (the autotuner's
+                monarch_matmul lite space is that list too), cut to every ``rows`` config plus
+                the likeliest older one (decode) or three (prefill), to save device time.
+                ``rows`` is two launches (h, then y) chained by programmatic dependent launch;
+                its config without ``pdl`` shows what PDL is worth. Timed twice (``fused_again``);
+* ``cublas_monarch`` (M = 4096) bmm, one permuting copy, bmm writing y through a strided view;
+* ``cublas_strided`` (M = 4096) b bmm calls writing h permuted through strided views, one bmm for y.
+
+PDL and the graph: every timed call of a ``rows`` config with ``pdl`` may start (and load its
+weights) while the previous call drains, as it would after the layer before it in a model; the
+dense and two-bmm calls run one after another, as cuBLAS launches them. Dense is timed again at
+the end of each case (``dense_again``).
 
 Every variant is checked against the dense-from-Monarch reference (fp32 product of the same
 factors) on fresh random inputs, its output poisoned with NaN first, *before* it is timed; a
@@ -58,6 +68,8 @@ TARGETS = {("b4", 1): 1.8, ("b4", 16): 1.8, ("b4", 4096): 1.6, ("b16", 1): 4.0}
 FUSED_OVER_TWO_BMM = 1.3
 TOLERANCE = 2e-2          # ‖y − y_ref‖ / ‖y_ref‖ for bf16 outputs against the fp32 reference
 ROTATION_BYTES = 256e6    # weights in rotation per timed variant: > 4× the H200's 60 MB L2
+OLDER_DECODE_CONFIGS = 1  # splitk / phased configs beside the rows ones (compiling costs device time)
+PREFILL_CONFIGS = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +154,18 @@ def relative_error(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float((actual - reference).norm() / reference.norm().clamp(min=1e-300))
 
 
+def cublas_strided(x_MK, right_bPQ, left_bQS, shape, out_MN, hidden_MbbT):
+    """No permuting copy: b bmm calls write h[m, l, k, j] through strided views, one bmm writes y."""
+    b, T, P, S = shape.nblocks, shape.slab_rank, shape.block_in, shape.block_out
+    M = x_MK.shape[0]
+    x_bMP = x_MK.view(M, b, P).transpose(0, 1)
+    for group in range(b):  # h_l[:, k·T + j] = x_k @ R_k[:, l·T + j]
+        torch.bmm(x_bMP, right_bPQ[:, :, group * T:(group + 1) * T], out=hidden_MbbT[:, group].transpose(0, 1))
+    torch.bmm(hidden_MbbT.view(M, b, b * T).transpose(0, 1), left_bQS,
+              out=out_MN.view(M, b, S).transpose(0, 1))
+    return out_MN
+
+
 def cublas_monarch(x_MK, right_bPQ, left_bQS, shape, out_MN):
     """bmm on the strided input blocks, one permuting copy, bmm writing y through a strided view."""
     b, T, P, S = shape.nblocks, shape.slab_rank, shape.block_in, shape.block_out
@@ -222,10 +246,12 @@ def run_case(case: Case, sms: int, budget_end: float, log) -> dict:
             log(f"  {case.name} {name}: FAILED {type(error).__name__}: {str(error)[:200]}")
 
     # dense cuBLAS
+    dense_calls = []
+
     def dense_variant():
         if _check("dense", lambda xi, out: torch.nn.functional.linear(xi, case.dense), case, result["checks"]):
-            calls = [lambda w=w: F.linear(x, w) for w in dense_copies]
-            result["variants"]["dense"] = timer(calls)
+            dense_calls.extend(lambda w=w: F.linear(x, w) for w in dense_copies)
+            result["variants"]["dense"] = timer(dense_calls)
     guarded("dense", dense_variant)
 
     # plain two-bmm form, eager and (small M) under a CUDA graph
@@ -248,10 +274,27 @@ def run_case(case: Case, sms: int, budget_end: float, log) -> dict:
                 result["variants"]["cublas_monarch"] = timer(calls)
         guarded("cublas_monarch", cublas_variant)
 
+        def cublas_strided_variant():
+            b, T = shape.nblocks, shape.slab_rank
+            hidden = torch.empty(case.rows, b, b, T, device=device, dtype=case.dtype)
+            if _check("cublas_strided", lambda xi, out: cublas_strided(xi, case.right, case.left, shape, out, hidden),
+                      case, result["checks"]):
+                out = torch.empty(case.rows, shape.out_features, device=device, dtype=case.dtype)
+                calls = [lambda r=r, l=l: cublas_strided(x, r, l, shape, out, hidden)
+                         for r, l in zip(right_copies, left_copies)]
+                result["variants"]["cublas_strided"] = timer(calls)
+        guarded("cublas_strided", cublas_strided_variant)
+
     # fused Triton kernel: local search (checked, then timed), the winner timed like the others
     def fused_variant():
         kernels = [MonarchKernel.from_factors(r, l, shape) for r, l in zip(right_copies, left_copies)]
         configs = candidate_configs(shape, case.rows, sms, limit=10)
+        if small:   # every rows config (the new design), the two likeliest of the older ones
+            configs = [c for c in configs if c.variant == "rows"] + \
+                      [c for c in configs if c.variant != "rows"][:OLDER_DECODE_CONFIGS]
+        else:       # hybrid tilings first (the fastest kind in session 2), one all-Triton
+            configs = [c for c in configs if c.variant == "hybrid"][:PREFILL_CONFIGS - 1] + \
+                      [c for c in configs if c.variant == "stages"][:1]
         x_check, reference = case.fresh_check_input()
 
         outs = [torch.empty(case.rows, shape.out_features, device=device, dtype=case.dtype) for _ in kernels]
@@ -276,11 +319,17 @@ def run_case(case: Case, sms: int, budget_end: float, log) -> dict:
         _check("fused", lambda xi, out: kernels[0](xi, winner, out=out), case, result["checks"])
         calls = [lambda k=k, o=o: k(x, winner, out=o) for k, o in zip(kernels, outs)]
         result["variants"]["fused"] = timer(calls)
+        result["variants"]["fused_again"] = timer(calls)   # the same version twice: the spread
+        if winner.variant in ("hybrid", "stages"):        # launch 1 alone: where the time goes
+            stage1 = [lambda k=k: k._hidden(x, winner, group_major=winner.variant == "hybrid") for k in kernels]
+            result["variants"]["fused_launch1_only"] = timer(stage1)
         # again after timing: the workspaces must still be clean, the counters reset
         if not _check("fused_after_timing", lambda xi, out: kernels[0](xi, winner, out=out), case,
                       result["checks"]):
             result["variants"]["fused"]["error"] = "wrong after timing (workspace or counter state)"
     guarded("fused", fused_variant)
+    if dense_calls:  # dense again, last: drift over the case (clocks, heat) shows here
+        guarded("dense_again", lambda: result["variants"].__setitem__("dense_again", timer(dense_calls)))
 
     _ratios(case, result)
     return result
@@ -296,7 +345,8 @@ def _ratios(case: Case, result: dict) -> None:
         return found.get("median_us")
 
     dense, fused = median("dense"), median("fused")
-    monarchs = {n: median(n) for n in ("fused", "cublas_monarch", "two_bmm_graph", "two_bmm_eager")
+    monarchs = {n: median(n) for n in ("fused", "cublas_monarch", "cublas_strided", "two_bmm_graph",
+                                        "two_bmm_eager")
                 if median(n) is not None}
     best_name = min(monarchs, key=monarchs.get) if monarchs else None
     ratios = {}
@@ -360,7 +410,8 @@ def _table(results: list, environment: dict) -> str:
     lines = [f"Monarch {size}→{size}, "
              f"{environment.get('gpu', environment['device'])}, torch {environment['torch']}, "
              f"triton {environment['triton']} (µs per call, median)"]
-    header = f"{'case':<10}{'dense':>9}{'2bmm eag':>10}{'2bmm grf':>10}{'cublasM':>9}{'fused':>9}" \
+    header = f"{'case':<10}{'dense':>9}{'dense2':>8}{'2bmm eag':>10}{'2bmm grf':>10}{'cublasM':>9}{'cublasS':>9}" \
+             f"{'fused':>10}{'fused2':>10}" \
              f"{'best/dense':>12}{'target':>8}{'fused/2bmm':>12}  fused config"
     lines += [header, "-" * len(header)]
     for result in results:
@@ -383,14 +434,16 @@ def _table(results: list, environment: dict) -> str:
         fused_mark = ""
         if "met_fused_over_two_bmm" in ratios:
             fused_mark = " ok" if ratios["met_fused_over_two_bmm"] else " MISS"
-        lines.append(f"{result['case']:<10}{cell('dense'):>9}{cell('two_bmm_eager'):>10}"
-                     f"{cell('two_bmm_graph'):>10}{cell('cublas_monarch'):>9}{cell('fused'):>9}"
+        lines.append(f"{result['case']:<10}{cell('dense'):>9}{cell('dense_again'):>8}{cell('two_bmm_eager'):>10}"
+                     f"{cell('two_bmm_graph'):>10}{cell('cublas_monarch'):>9}{cell('cublas_strided'):>9}"
+                     f"{cell('fused'):>10}{cell('fused_again'):>10}"
                      f"{(f'{best:.2f}x' if best else '—') + mark:>12}"
                      f"{(f'{target}x' if target else '—'):>8}"
                      f"{(f'{fused_two:.2f}x' if fused_two else '—') + fused_mark:>12}  "
                      f"{result.get('fused_config', result.get('error', ''))[:60]}")
     lines.append("best/dense: the fastest correct Monarch implementation over dense cuBLAS; "
-                 "fused/2bmm: fused kernel over the CUDA-graph two-bmm form")
+                 "fused/2bmm: slimline's Triton kernel over the CUDA-graph two-bmm form; dense2, fused2: "
+                 "the same version timed again (spread)")
     return "\n".join(lines)
 
 

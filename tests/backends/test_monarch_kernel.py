@@ -61,6 +61,8 @@ VECTOR_CONFIGS = [
     KernelConfig("phased", 1, 16, 32, 16, 64, programs=8, prefetch=True),
     KernelConfig("phased", 1, 8, 16, 16, 32, programs=3),              # several tasks per program
     KernelConfig("stages", 1, 16, 32, 16, 64),
+    KernelConfig("rows", 1, 16, 32, 16, 64),                           # whole row blocks at once
+    KernelConfig("rows", 1, 8, 16, 8, 32, pdl=True, prefetch=True),    # K loops; PDL, L2 off here
 ]
 TILE_CONFIGS = [
     KernelConfig("splitk", 16, 16, 32, 32),
@@ -68,6 +70,8 @@ TILE_CONFIGS = [
     KernelConfig("phased", 16, 16, 16, 32, 32, programs=3),
     KernelConfig("stages", 16, 16, 32, 16, 32),
     KernelConfig("hybrid", 16, 16, 32, 16),
+    KernelConfig("rows", 16, 16, 32, 16, 64),
+    KernelConfig("rows", 16, 16, 16, 32, 32, num_stages=3, pdl=True, prefetch=True),
 ]
 
 
@@ -150,11 +154,14 @@ def test_search_space_offers_only_configs_that_run(size, nblocks, rows):
     assert configs and len(configs) <= 10
     for config in configs:
         assert check_config(config, shape) == []
-        if config.prefetch:  # one program per output task, all resident at once
+        if config.prefetch and config.variant == "phased":  # one program per output task, all resident
             tasks = nblocks * shape.block_out // config.block_s * -(-rows // config.block_m)
             assert tasks <= 132
     variants = {c.variant for c in configs}
-    assert variants <= ({"splitk", "phased"} if rows <= 16 else {"stages", "hybrid"})
+    assert variants <= ({"splitk", "phased", "rows"} if rows <= 16 else {"stages", "hybrid"})
+    if rows <= 16:  # the rows variant comes first, and one of its configs goes without PDL
+        assert configs[0].variant == "rows" and configs[0].pdl
+        assert any(c.variant == "rows" and not c.pdl for c in configs)
 
 
 def test_local_search_checks_before_timing_and_reports_failures():
@@ -179,20 +186,23 @@ from slimline.backends.cuda.monarch_kernel import KernelConfig, compile_for_targ
 from slimline.monarch import monarch_shape
 shape = monarch_shape(512, 512, 4)
 configs = [KernelConfig("splitk", 1, 16, 128, 128),
-           KernelConfig("phased", 1, 16, 128, 16, 128, programs=32, prefetch=True)]
+           KernelConfig("phased", 1, 16, 128, 16, 128, programs=32, prefetch=True),
+           KernelConfig("rows", 1, 16, 128, 16, 128, pdl=True),
+           KernelConfig("rows", 16, 16, 64, 16, 64, num_stages=3, pdl=True, prefetch=True)]
 print(json.dumps([compile_for_target(shape, c) for c in configs]))
 """
 
 
 def test_the_gpu_only_paths_compile_for_sm90():
-    """Atomics, the ticket, the bounded spin, the prefetch: code the interpreter runs but never compiles."""
+    """Atomics, the ticket, the bounded spin, the prefetch, PDL and the L2 prefetch (inline PTX):
+    code the interpreter runs (or skips) but never compiles."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True,
                           timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
     launches = [launch for config in json.loads(done.stdout.strip().splitlines()[-1]) for launch in config]
-    assert [launch["kernel"] for launch in launches] == ["_splitk_kernel", "_phased_kernel"]
+    assert [launch["kernel"] for launch in launches] == ["_splitk_kernel", "_phased_kernel"] + ["_rows_kernel"] * 4
     assert all(launch["registers"] <= 255 and launch["spill_bytes"] == 0 for launch in launches)
 
 

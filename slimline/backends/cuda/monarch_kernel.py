@@ -13,7 +13,7 @@ block l. Repacked group-major,
 a layer is b independent chains ``h_l = blockdiag(x) @ w1[l]ᵀ`` (Q values from the b input
 blocks) then ``y_l = h_l @ w2[l]`` (S outputs), and the permutation is only addressing.
 
-Four variants, one per regime; each is a straight line of tile functions:
+Five variants; each is a straight line of tile functions:
 
 ``splitk`` (decode, M ≤ 16; one launch)
     program (m-tile, l, c) owns BLOCK_T of group l's intermediate values: it reads its BLOCK_T
@@ -38,6 +38,17 @@ Four variants, one per regime; each is a straight line of tile functions:
 ``hybrid`` (prefill; two launches)
     launch 1 of ``stages`` writes h group-major, (b, M, Q); launch 2 is one cuBLAS ``bmm``
     writing y through a strided view of the (M, N) output — again no permuting copy.
+
+``rows`` (decode, M ≤ 16; two launches of one kernel, PDL-chained)
+    launch 1 computes h, launch 2 y, each as a row-block GEMV/GEMM: a program owns BLOCK_R whole
+    weight rows (w1_bQP rows for h, w2_bSQ rows for y) and reads the slice of x or h they need,
+    found by addressing: ``slice = (row // SEG) % b``. The whole (BLOCK_R, row) tile is one load,
+    issued before the program waits on its predecessor (programmatic dependent launch), so a
+    launch has every weight byte in flight at once and launch 2 fetches its weights while launch
+    1 drains; h (a few KB at M = 1) goes through L2. The looped form (K chunks, pipelined) can ask
+    L2 for its tile before the wait instead (``prefetch``). Many rows per program, wide loads, no
+    atomics, no spin. The aim: weights read near copy bandwidth, where the one-launch variants'
+    dependent chain (load, reduce, signal, wait, reload) is latency-bound.
 
 "The intermediate kept on chip" holds for ``splitk`` (h never leaves registers) and, up to a few
 KB of h through L2, for ``phased``; at large M no tiling keeps a (BLOCK_M, Q) h and a
@@ -71,11 +82,17 @@ import triton.language as tl
 
 from slimline.monarch.projection import MonarchShape
 
+try:  # programmatic dependent launch (Hopper): a kernel starts while its predecessor drains
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except ImportError:
+    _gdc_launch_dependents = _gdc_wait = None
+
 __all__ = ["KernelConfig", "MonarchKernel", "VARIANTS", "candidate_configs", "local_search",
            "autotune_timer", "cached_config", "check_config", "compile_for_target", "pack_weights", "relative_error", "interpreting",
            "SPIN_LIMIT"]
 
-VARIANTS = ("splitk", "phased", "stages", "hybrid")
+VARIANTS = ("splitk", "phased", "stages", "hybrid", "rows")
 SPIN_LIMIT = 1 << 16  # polls of a counter before phased gives up (a wrong result)
 
 
@@ -357,6 +374,67 @@ def _stage_output_kernel(h_ptr, w2_ptr, bias_ptr, y_ptr, M, N, stride_ym,
 
 
 # ---------------------------------------------------------------------------------------------
+# rows: two launches of one row-block kernel, the permutation folded into addressing
+
+
+@triton.jit
+def _prefetch_rows_to_l2(w_ptr, row0, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Ask L2 for rows row0… of w (one ``prefetch.global.L2`` per 128-byte line); nothing waits."""
+    LINE: tl.constexpr = 128 // w_ptr.dtype.element_ty.primitive_bitwidth * 8
+    lines = tl.arange(0, BLOCK_R * WIDTH // LINE) * LINE   # the caller checks BLOCK_R·WIDTH ≥ LINE
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                              [w_ptr + row0.to(tl.int64) * WIDTH + lines], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _rows_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, a_cols, out_cols, stride_am, stride_om,
+                 NB: tl.constexpr, SEG: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """out[m, r] = Σ_c a[m, g(r)·WIDTH + c] · w[r, c] (+ bias[r]) for this program's BLOCK_R rows r.
+
+    ``g(r) = (r // SEG) % NB`` picks the slice of ``a`` a weight row reads: launch 1 (w1_bQP rows
+    (l, k, j), SEG = T, WIDTH = P) reads input block k of x and writes h[m, l·Q + k·T + j]; launch 2
+    (w2_bSQ rows (l, σ), SEG = S, WIDTH = Q) reads h[m, l·Q…] and writes y. BLOCK_R divides SEG,
+    so one program reads one slice. ``BLOCK_K == WIDTH``: the whole weight tile is loaded in one
+    go, before waiting on the previous kernel (``USE_PDL``), so every byte is in flight at once.
+    ``BLOCK_K < WIDTH`` loops over K chunks after the wait; ``PREFETCH`` first asks L2 for the
+    whole weight tile, so the wait hides DRAM latency there too.
+    """
+    pid_r = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    if USE_PDL:
+        _gdc_launch_dependents()
+    row0 = pid_r * BLOCK_R
+    a_col0 = ((row0 // SEG) % NB) * WIDTH
+    if BLOCK_K == WIDTH:
+        offs_c = tl.arange(0, WIDTH)
+        rows = row0 + tl.arange(0, BLOCK_R)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * WIDTH + offs_c[None, :])
+        if USE_PDL:
+            _gdc_wait()  # a (x or h) comes from the previous kernel
+        cols = a_col0 + offs_c
+        if BLOCK_M == 1:
+            a = tl.load(a_ptr + m0.to(tl.int64) * stride_am + cols,
+                        mask=(cols < a_cols) & (m0 + 0 * cols < M), other=0.0)
+            acc = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        else:
+            rows_m = m0 + tl.arange(0, BLOCK_M)
+            a = tl.load(a_ptr + rows_m[:, None].to(tl.int64) * stride_am + cols[None, :],
+                        mask=(rows_m[:, None] < M) & (cols[None, :] < a_cols), other=0.0)
+            acc = tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+    else:
+        if PREFETCH:
+            _prefetch_rows_to_l2(w_ptr, row0, WIDTH, BLOCK_R)
+        if USE_PDL:
+            _gdc_wait()
+        acc = _matmul_nt_tile(a_ptr, stride_am, a_col0, a_cols, M, m0, w_ptr, row0, WIDTH,
+                              BLOCK_M, BLOCK_R, BLOCK_K, PRECISION, "")
+    _store_tile(out_ptr, stride_om, M, m0, row0, out_cols, acc, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_R)
+
+
+# ---------------------------------------------------------------------------------------------
 # host side
 
 
@@ -373,7 +451,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     programs: int = 0            # phased: persistent grid size (0: one per SM)
-    prefetch: bool = False       # phased: load the stage-2 weight tile first (one stage-2 task each)
+    prefetch: bool = False       # phased: load the stage-2 weight tile first (one stage-2 task each);
+                                 # rows: ask L2 for the weight tile before the wait (looped form)
+    pdl: bool = False            # rows: programmatic dependent launch (weights load before the wait)
 
     def label(self) -> str:
         tiles = f"m{self.block_m} t{self.block_t} p{self.block_p}"
@@ -383,6 +463,9 @@ class KernelConfig:
             tiles += f" q{self.block_q}"
         if self.variant == "phased":
             tiles += f" g{self.programs}" + (" pre" if self.prefetch else "")
+        if self.variant == "rows":  # stage-1 rows × K chunk, stage-2 rows × K chunk
+            tiles = f"m{self.block_m} r{self.block_t}x{self.block_p} r{self.block_s}x{self.block_q}"
+            tiles += (" pdl" if self.pdl else "") + (" l2" if self.prefetch else "")
         return f"{self.variant}[{tiles} w{self.num_warps} st{self.num_stages}]"
 
 
@@ -411,7 +494,7 @@ def check_config(config: KernelConfig, shape: MonarchShape) -> list[str]:
                                                 ("block_p", config.block_p, "P", P),
                                                 ("block_s", config.block_s, "S", S))
                 if value < 1 or size % value]
-    uses_q = config.variant in ("phased", "stages")
+    uses_q = config.variant in ("phased", "stages", "rows")
     if uses_q and (config.block_q < 1 or Q % config.block_q):
         problems.append(f"block_q={config.block_q} does not divide Q={Q}")
     if config.variant not in VARIANTS:
@@ -422,8 +505,12 @@ def check_config(config: KernelConfig, shape: MonarchShape) -> list[str]:
         problems.append("block sizes must be powers of two")
     if config.block_m > 1 and min(config.block_m, config.block_t, config.block_p, config.block_s) < 16:
         problems.append("tensor-core tiles need every block ≥ 16")
-    if config.prefetch and not _power_of_two(Q):
+    if config.prefetch and config.variant == "phased" and not _power_of_two(Q):
         problems.append(f"prefetch loads whole rows of Q={Q}: Q must be a power of two")
+    if config.variant == "rows" and config.block_m > 1 and min(config.block_t, config.block_s) < 16:
+        problems.append("tensor-core tiles need every block ≥ 16")
+    if config.pdl and config.variant != "rows":
+        problems.append("pdl is a rows option")
     return problems
 
 
@@ -474,7 +561,7 @@ class MonarchKernel:
             raise ValueError(f"out must be a contiguous ({M}, {shape.out_features}) tensor")
         if M > 0:
             launch = {"splitk": self._splitk, "phased": self._phased, "stages": self._stages,
-                      "hybrid": self._hybrid}[config.variant]
+                      "hybrid": self._hybrid, "rows": self._rows}[config.variant]
             launch(x_MK, y_MN, config)
         return y_MN.reshape(*lead, shape.out_features)
 
@@ -512,6 +599,26 @@ class MonarchKernel:
                                                                 has_bias, phases=phase))
         else:
             _phased_kernel[(programs,)](*args, **_constants(_phased_kernel, s, config, x_MK.dtype, has_bias))
+
+    def _rows(self, x_MK: torch.Tensor, y_MN: torch.Tensor, config: KernelConfig) -> None:
+        """Two launches of ``_rows_kernel``: h (M, b·Q) in fp32 for vectors, x's dtype for tiles."""
+        s, M = self.shape, x_MK.shape[0]
+        Q = s.block_hidden
+        hidden_dtype = torch.float32 if config.block_m == 1 else x_MK.dtype
+        hidden = self._workspace(f"rows_h_{hidden_dtype}", M * s.nblocks * Q, hidden_dtype, x_MK.device)
+        bias, has_bias = self._bias(y_MN)
+        m_tiles = triton.cdiv(M, config.block_m)
+        pdl = config.pdl and _pdl_usable(x_MK.device)
+        compiled = x_MK.device.type == "cuda" and not interpreting()
+        options = {"launch_pdl": True} if pdl else {}
+        _rows_kernel[(s.nblocks * Q // config.block_t, m_tiles)](
+            x_MK, self.weights["w1_bQP"], hidden, hidden, M, s.in_features, s.nblocks * Q,
+            x_MK.stride(0), s.nblocks * Q,
+            **_rows_constants(s, config, x_MK.dtype, 1, False, pdl, compiled), **options)
+        _rows_kernel[(s.nblocks * s.block_out // config.block_s, m_tiles)](
+            hidden, self.weights["w2_bSQ"], bias, y_MN, M, s.nblocks * Q, s.out_features,
+            s.nblocks * Q, y_MN.stride(0),
+            **_rows_constants(s, config, x_MK.dtype, 2, has_bias, pdl, compiled), **options)
 
     def _hidden(self, x_MK: torch.Tensor, config: KernelConfig, group_major: bool) -> torch.Tensor:
         """Launch 1: h in x's dtype, (M, b·Q) (``stages``) or (b, M, Q) (``hybrid``, for bmm)."""
@@ -563,11 +670,36 @@ def _constants(kernel, shape: MonarchShape, config: KernelConfig, dtype: torch.d
     return dict(chosen, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _rows_constants(shape: MonarchShape, config: KernelConfig, dtype: torch.dtype, stage: int,
+                    has_bias: bool, pdl: bool, compiled: bool = True) -> dict:
+    """Compile-time arguments of launch ``stage`` (1: x → h, 2: h → y) of the rows variant
+    (``compiled``: not under the interpreter, which has no inline PTX)."""
+    if stage == 1:
+        seg, width, block_r, block_k = shape.slab_rank, shape.block_in, config.block_t, config.block_p
+    else:
+        seg, width, block_r, block_k = shape.block_out, shape.block_hidden, config.block_s, config.block_q
+    return dict(NB=shape.nblocks, SEG=seg, WIDTH=width, HAS_BIAS=has_bias, BLOCK_M=config.block_m,
+                BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=_precision(dtype), USE_PDL=pdl,
+                PREFETCH=(config.prefetch and block_k < width and compiled
+                          and block_r * width * _BYTES[dtype] >= 128),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def _pdl_usable(device: torch.device) -> bool:
+    """PDL needs Hopper or newer and a compiled launch (the interpreter has no grid control)."""
+    return (_gdc_wait is not None and device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 _LAUNCHES = {"splitk": ("_splitk_kernel",), "phased": ("_phased_kernel",),
              "stages": ("_stage_hidden_kernel", "_stage_output_kernel"),
-             "hybrid": ("_stage_hidden_kernel",)}
+             "hybrid": ("_stage_hidden_kernel",), "rows": ("_rows_kernel", "_rows_kernel")}
 _FIXED_POINTERS = {"acc_ptr": "fp32", "count_ptr": "i32"}
-_ALIGNED_INTS = {"K", "N", "stride_xm", "stride_ym", "h_stride_m", "h_stride_l"}
+_ALIGNED_INTS = {"K", "N", "stride_xm", "stride_ym", "h_stride_m", "h_stride_l", "a_cols", "out_cols",
+                 "stride_am", "stride_om"}
 
 
 def compile_for_target(shape: MonarchShape, config: KernelConfig, dtype: torch.dtype = torch.bfloat16,
@@ -590,9 +722,12 @@ def compile_for_target(shape: MonarchShape, config: KernelConfig, dtype: torch.d
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     results = []
-    for name in _LAUNCHES[config.variant]:
+    for stage, name in enumerate(_LAUNCHES[config.variant], start=1):
         kernel = globals()[name]
-        constants = _constants(kernel, shape, config, dtype, has_bias)
+        if config.variant == "rows":
+            constants = _rows_constants(shape, config, dtype, stage, has_bias and stage == 2, config.pdl)
+        else:
+            constants = _constants(kernel, shape, config, dtype, has_bias)
         options = {"num_warps": constants.pop("num_warps"), "num_stages": constants.pop("num_stages")}
         signature, attrs = {}, {}
         for index, arg in enumerate(kernel.arg_names):
@@ -600,8 +735,10 @@ def compile_for_target(shape: MonarchShape, config: KernelConfig, dtype: torch.d
                 signature[arg] = "constexpr"
                 continue
             if arg.endswith("_ptr"):
-                pointee = _FIXED_POINTERS.get(arg, "fp32" if (arg == "h_ptr" and config.variant == "phased")
-                                              else element)
+                hidden_fp32 = (arg == "h_ptr" and config.variant == "phased") or (
+                    config.variant == "rows" and config.block_m == 1
+                    and ((stage == 1 and arg in ("out_ptr", "bias_ptr")) or (stage == 2 and arg == "a_ptr")))
+                pointee = _FIXED_POINTERS.get(arg, "fp32" if hidden_fp32 else element)
                 signature[arg] = "*" + pointee
             else:
                 signature[arg] = "i32"
@@ -647,8 +784,9 @@ def candidate_configs(shape: MonarchShape, rows: int, multiprocessors: int = 132
                       limit: int = 10) -> list[KernelConfig]:
     """About ``limit`` configs for ``rows`` (M) rows, derived from the shape and the SM count.
 
-    Decode (M ≤ 16): ``splitk`` and ``phased`` with vector tiles (M = 1) or 16-row tensor-core
-    tiles; about 1–8 programs per SM; a weight tile holds ≤ 8K elements per loop step (registers).
+    Decode (M ≤ 16): ``rows`` first (:func:`_rows_configs`), then ``splitk`` and ``phased`` with
+    vector tiles (M = 1) or 16-row tensor-core tiles; about 1–8 programs per SM; a weight tile
+    holds ≤ 8K elements per loop step (registers).
     ``phased`` with prefetch runs one program per stage-2 task, at most one per SM (every program
     must be resident while it waits). Prefill: ``stages`` and ``hybrid`` with the usual
     tensor-core GEMM tiles. Every block size is a power of two dividing its block dimension.
@@ -701,7 +839,8 @@ def candidate_configs(shape: MonarchShape, rows: int, multiprocessors: int = 132
             found.append(KernelConfig("hybrid", block_m, block_t, block_p, block_s,
                                       num_warps=warps, num_stages=stages))
     unique = [c for c in dict.fromkeys(found) if not check_config(c, shape)]
-    chosen = _spread(unique, limit)
+    first = _rows_configs(shape, rows, limit, multiprocessors) if rows <= 16 else []
+    chosen = _spread(unique, max(0, limit - len(first)))
     if rows <= 16:  # likeliest first, in case a search must stop early
         def likelihood(config: KernelConfig) -> float:
             if config.variant == "phased":
@@ -709,7 +848,48 @@ def candidate_configs(shape: MonarchShape, rows: int, multiprocessors: int = 132
             programs = b * Q // config.block_t * triton.cdiv(rows, config.block_m)
             return abs(math.log2(programs / (2 * sms)))
         chosen.sort(key=likelihood)
-    return chosen
+    return first + chosen
+
+
+def _rows_configs(shape: MonarchShape, rows: int, limit: int, sms: int) -> list[KernelConfig]:
+    """Decode configs of the two-launch ``rows`` variant, likeliest first (at most ``limit // 2``).
+
+    Each program owns BLOCK_R whole weight rows: 8–32K elements (16–64 KB in bf16), loaded in one
+    go where the row length is a power of two, so a launch has all its weight bytes in flight at
+    once (bandwidth, not latency); PDL on, so launch 2 loads its weights while launch 1 drains.
+    One config without PDL shows what PDL is worth.
+    """
+    T, P, S, Q = shape.slab_rank, shape.block_in, shape.block_out, shape.block_hidden
+    block_m = 1 if rows == 1 else 16
+    low = 1 if block_m == 1 else 16
+
+    def tile(segment: int, width: int, total: int, elements: int, spread: bool) -> tuple[int, int]:
+        block_r = _largest(segment, low, max(low, elements // width))
+        if spread:  # at least about one program per SM
+            block_r = min(block_r, _largest(segment, low, max(low, total // sms)))
+        if block_r and _power_of_two(width) and block_r * width <= 2 * elements:
+            return block_r, width                                  # the whole row block at once
+        return block_r, _largest(width, max(low, 16), max(16, elements // max(1, block_r)))
+
+    if block_m == 1:  # (elements per program, warps, stages, PDL, L2 prefetch)
+        plans = ((16384, 4, 1, True, False), (8192, 4, 1, True, False), (16384, 8, 1, True, False),
+                 (32768, 8, 1, True, False), (16384, 4, 1, False, False))
+    else:
+        plans = ((16384, 4, 1, True, False), (8192, 4, 4, True, True), (16384, 8, 1, True, False),
+                 (8192, 4, 3, True, False), (16384, 4, 1, False, False))
+    found = []
+    for elements, warps, stages, pdl, prefetch in plans:
+        spread = elements < 32768  # the largest plan: one program per SM at most, 64 KB each
+        (block_t, block_p), (block_s, block_q) = (tile(T, P, shape.nblocks * Q, elements, spread),
+                                                  tile(S, Q, shape.nblocks * S, elements, spread))
+        if min(block_t, block_p, block_s, block_q) < 1:
+            continue
+        if stages > 1:  # the looped form: a K chunk per step, software-pipelined
+            block_p, block_q = _largest(P, low, 256), _largest(Q, low, 256)
+        found.append(KernelConfig("rows", block_m, block_t, block_p, block_s, block_q,
+                                  num_warps=warps, num_stages=stages, pdl=pdl, prefetch=prefetch))
+    unique = [c for c in dict.fromkeys(found) if not check_config(c, shape)]
+    return unique[: max(1, limit // 2)]
 
 
 def _spread(configs: list[KernelConfig], limit: int) -> list[KernelConfig]:
