@@ -872,11 +872,11 @@ def _rows_configs(shape: MonarchShape, rows: int, limit: int, sms: int) -> list[
         return block_r, _largest(width, max(low, 16), max(16, elements // max(1, block_r)))
 
     if block_m == 1:  # (elements per program, warps, stages, PDL, L2 prefetch)
-        plans = ((16384, 4, 1, True, False), (8192, 4, 1, True, False), (16384, 8, 1, True, False),
-                 (32768, 8, 1, True, False), (16384, 4, 1, False, False))
+        plans = ((16384, 4, 1, True, False), (16384, 4, 1, False, False), (8192, 4, 1, True, False),
+                 (16384, 8, 1, True, False), (32768, 8, 1, True, False))
     else:
-        plans = ((16384, 4, 1, True, False), (8192, 4, 4, True, True), (16384, 8, 1, True, False),
-                 (8192, 4, 3, True, False), (16384, 4, 1, False, False))
+        plans = ((16384, 4, 1, True, False), (16384, 4, 1, False, False), (8192, 4, 4, True, True),
+                 (16384, 8, 1, True, False), (8192, 4, 3, True, False))
     found = []
     for elements, warps, stages, pdl, prefetch in plans:
         spread = elements < 32768  # the largest plan: one program per SM at most, 64 KB each
