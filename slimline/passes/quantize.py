@@ -217,10 +217,11 @@ def observe(graph: Graph, nodes: list[fx.Node], samples: list, keep_sample: bool
     by_input: dict[fx.Node, Observed] = {}
     wanted: dict[str, Observed] = {}
     for node in nodes:
-        features = graph.attribute(node.args[1]).shape[1]
+        weight = graph.attribute(node.args[1])
+        features = weight.shape[1]
         x = node.args[0]
-        if x not in by_input:
-            by_input[x] = Observed(torch.zeros(features, features, dtype=torch.float64))
+        if x not in by_input:  # accumulated where the activations are (the weight's device)
+            by_input[x] = Observed(torch.zeros(features, features, dtype=torch.float64, device=weight.device))
         wanted[node.name] = by_input[x]
     interpreter_wanted = {}
     for node in nodes:  # observe each shared input once

@@ -59,20 +59,21 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
     out_features, in_features = weight.shape
     group = scheme.group(in_features)
     padded = scheme.padded(in_features)
-    work = torch.zeros(out_features, padded, dtype=torch.float32)
+    device = weight.device  # the solve runs where the weight lives
+    work = torch.zeros(out_features, padded, dtype=torch.float32, device=device)
     work[:, :in_features] = weight.detach().float()
-    h = torch.zeros(padded, padded, dtype=torch.float64)
+    h = torch.zeros(padded, padded, dtype=torch.float64, device=device)
     h[:in_features, :in_features] = hessian.double()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
 
     static = act_order or group == padded  # one group per row: its scale is known up front
-    scales = torch.ones(out_features, padded // group)
-    zeros = torch.zeros(out_features, padded // group)
+    scales = torch.ones(out_features, padded // group, device=device)
+    zeros = torch.zeros(out_features, padded // group, device=device)
     if static:
         scales, zeros = group_parameters(work.view(out_features, -1, group), scheme)  # (N, G)
-    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(padded)
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(padded, device=device)
     work = work[:, order]
     h = h[order][:, order]
     upper, _ = damped_cholesky_inverse(h, damping)
@@ -80,7 +81,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
 
     # blocks hold whole groups, so a group's scale can be chosen from its updated columns
     block = max(block_size // group, 1) * group if not static else block_size
-    codes = torch.zeros(out_features, padded)
+    codes = torch.zeros(out_features, padded, device=device)
     for start in range(0, padded, block):
         stop = min(start + block, padded)
         columns = work[:, start:stop].clone()  # (N, B)
