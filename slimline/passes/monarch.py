@@ -196,7 +196,8 @@ def _check(graph: Graph, node: fx.Node, config: Config, readers: dict) -> _Layer
 
 def _covariances(graph: Graph, layers: list[_Layer], samples: list, damping: float) -> list[torch.Tensor]:
     """E[xᵀx] (K×K, float64) of every layer's input over all calibration rows, damped."""
-    sums = [torch.zeros(l.shape.in_features, l.shape.in_features, dtype=torch.float64) for l in layers]
+    sums = [torch.zeros(l.shape.in_features, l.shape.in_features, dtype=torch.float64, device=l.weight.device)
+            for l in layers]
     rows = [0] * len(layers)
     watched = {layer.node: index for index, layer in enumerate(layers)}
 
