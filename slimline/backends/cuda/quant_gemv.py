@@ -169,3 +169,431 @@ def quant_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     if split > 1:
         out = out.sum(0).to(x.dtype)
     return out.reshape(*lead, n)
+
+
+# =====================================================================================================
+# The tiled decode GEMV: a layout made for loading, codes turned into floats without a conversion
+# instruction, and the decode step's neighbours (norm, SiLU·up / GELU, residual) fused in.
+# =====================================================================================================
+#
+# Layout ("tiles", :func:`pack_tiles`).  K is cut into tiles of TILE codes (TILE = 32·C).  Inside a
+# tile, code ``r = m·C + w`` (m = 0..31, w = 0..C-1) belongs to *column* w, *slot* m.  A column's
+# 32 codes are held in ``bits`` int32 words, and word i of every column of the row sits in plane i:
+#
+#     words[i, n, t·C + w]          (bits, N, Kp/32) int32: exactly ``bits`` bits per code
+#     bits 2, 4, 8:  word i holds slots m = i·P + j at bits [j·bits, (j+1)·bits),  P = 32 / bits
+#     bits 3:        word i holds slots m = 10·i + j at bits [3j, 3j + 3), j < 10; slot 30 sits in
+#                    bits 30-31 of word 0 (its bits 0-1) and bit 30 of word 1 (bit 2); slot 31 in
+#                    bit 31 of word 1 (bit 0) and bits 30-31 of word 2 (bits 1-2)
+#
+# so a program loads, per plane, a (BLOCK_N, C) block of whole words (C contiguous words per row),
+# and the x values that meet slot m of those words, ``x[t·TILE + m·C + w]``, are C contiguous
+# elements: one vector load serves every row of the block.
+#
+# Codes to floats.  Moved to bits [23 - bits, 23) of a word whose exponent bits hold 1.0
+# (``(w << s) & mask | 0x3F800000``: a shift and one LOP3), a code q reads as the fp32 number
+# 1 + q / 2**bits; no int-to-float instruction (a quarter-rate one on the GPU) is ever issued.
+# Per group g (of GROUP codes) and row n, with x summed over the group as S_g:
+#
+#     Σ (q - z)·s·x  =  a·Σ (1 + q/2^b)·x  -  c·S_g,     a = s·2^b,  c = s·(2^b + z)
+#
+# The first sum runs per (row, column) in fp32 FMAs; a·(...) is one FMA per group; the c·S_g terms
+# of all groups are one small product per program, before the main loop.
+#
+# Norms are folded: the decoder quantizes W·diag(g) (g the norm's weight), so the kernel reads x
+# raw and applies RMSNorm as ``rstd · (Q x)`` and LayerNorm as ``rstd · (Q x - mean · rowsum(Q)) +
+# bias`` (bias = Q·diag(1/g)·b, precomputed).  Rounding: the product is rounded to x's dtype where
+# torch rounds a projection's output, then SiLU·up / GELU and the residual as in decode_kernels.
+
+TILE_CODES = 512  # codes per tile (16 columns of 32 codes); K is padded to a whole number of tiles
+TILE_BITS = (2, 3, 4, 8)
+NORM_NONE, NORM_RMS, NORM_LAYER = 0, 1, 2
+ACT_NONE, ACT_SILU_PAIR, ACT_GELU = 0, 1, 2
+
+try:  # programmatic dependent launch (Hopper)
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except ImportError:
+    _gdc_launch_dependents = _gdc_wait = None
+PDL_AVAILABLE = _gdc_wait is not None
+
+
+@dataclass(frozen=True)
+class TiledConfig:
+    """One launch shape of the tiled kernel: rows per program and warps."""
+
+    block_n: int = 16
+    num_warps: int = 2
+
+    @property
+    def label(self) -> str:
+        return f"tiled n{self.block_n}w{self.num_warps}"
+
+    def to_json(self) -> dict:
+        return {"block_n": self.block_n, "num_warps": self.num_warps}
+
+
+# The local candidate list (measured per weight family by QuantStaticDecoder.tune): from one row per
+# thread (small matrices need many programs) to two rows per thread (x loads shared by more rows).
+TILED_CANDIDATES = (TiledConfig(8, 1), TiledConfig(16, 2), TiledConfig(32, 2), TiledConfig(64, 4))
+DEFAULT_TILED = TiledConfig(16, 2)
+
+
+def tile_padded(in_features: int, tile: int = TILE_CODES) -> int:
+    return -(-in_features // tile) * tile
+
+
+def _wrap_int32(values: torch.Tensor) -> torch.Tensor:
+    """int64 holding 0..2^32-1 -> the int32 with the same bits."""
+    return (values - ((values >> 31) & 1) * (1 << 32)).to(torch.int32)
+
+
+def pack_tiles(codes: torch.Tensor, bits: int, tile: int = TILE_CODES) -> torch.Tensor:
+    """Codes ``(N, K)`` (0..2^bits-1) -> words ``(bits, N, Kp/32)`` int32 in the tiled layout."""
+    if bits not in TILE_BITS:
+        raise ConfigError(f"the tiled decode layout holds {TILE_BITS}-bit codes, not {bits}", stage="backend",
+                          where="pack_tiles", hint="quantize to 2, 3, 4 or 8 bits")
+    if tile % 32 or tile < 32:
+        raise ConfigError(f"tile {tile} is not a multiple of 32", stage="backend", where="pack_tiles")
+    n, k = codes.shape
+    padded = torch.zeros(n, tile_padded(k, tile), dtype=torch.int64, device=codes.device)
+    padded[:, :k] = codes.to(torch.int64)
+    columns = tile // 32
+    # (N, T, 32 slots m, C columns w) -> (N, T, C, 32): one column's 32 codes in slot order
+    slots = padded.view(n, -1, 32, columns).transpose(2, 3)
+    if bits == 3:
+        words = []
+        for i in range(3):
+            fields = slots[..., 10 * i:10 * i + 10]
+            shifts = torch.arange(10, device=codes.device) * 3
+            words.append((fields << shifts).sum(-1))
+        s30, s31 = slots[..., 30], slots[..., 31]
+        words[0] = words[0] | ((s30 & 3) << 30)
+        words[1] = words[1] | (((s30 >> 2) & 1) << 30) | ((s31 & 1) << 31)
+        words[2] = words[2] | (((s31 >> 1) & 3) << 30)
+    else:
+        per = 32 // bits
+        shifts = torch.arange(per, device=codes.device) * bits
+        words = [(slots[..., i * per:(i + 1) * per] << shifts).sum(-1) for i in range(bits)]
+    return torch.stack([_wrap_int32(w.flatten(1)) for w in words])  # (bits, N, T·C)
+
+
+def unpack_tiles(words: torch.Tensor, bits: int, in_features: int, tile: int = TILE_CODES) -> torch.Tensor:
+    """Inverse of :func:`pack_tiles`: codes ``(N, in_features)`` int64."""
+    planes, n, count = words.shape
+    columns = tile // 32
+    w = words.to(torch.int64) & 0xFFFFFFFF  # (bits, N, T·C) unsigned
+    w = w.view(planes, n, -1, columns)  # (bits, N, T, C)
+    if bits == 3:
+        shifts = torch.arange(10, device=words.device) * 3
+        fields = [(w[i][..., None] >> shifts) & 7 for i in range(3)]  # 3 x (N, T, C, 10)
+        s30 = ((w[0] >> 30) & 3) | (((w[1] >> 30) & 1) << 2)
+        s31 = ((w[1] >> 31) & 1) | (((w[2] >> 30) & 3) << 1)
+        slots = torch.cat(fields + [s30[..., None], s31[..., None]], dim=-1)  # (N, T, C, 32)
+    else:
+        per = 32 // bits
+        shifts = torch.arange(per, device=words.device) * bits
+        slots = torch.cat([(w[i][..., None] >> shifts) & ((1 << bits) - 1) for i in range(bits)], dim=-1)
+    return slots.transpose(2, 3).reshape(n, -1)[:, :in_features]
+
+
+@dataclass
+class TiledWeight:
+    """A quantized ``(N, K)`` matrix in the tiled layout, with what the kernel's epilogues need.
+
+    ``scales (N, G)`` float32, ``zeros (N, G)`` uint8 or None (symmetric: 2^(bits-1)), ``group``
+    the codes per group (K for one group per row). ``rowsum``/``bias`` (N,) float32: LayerNorm's
+    mean term and the folded norm bias, or None.
+    """
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group: int
+    in_features: int
+    rowsum: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.words.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes one product reads from memory: the words, the scales and the zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``(N, K)`` these words, scales and zeros stand for (the reference)."""
+        codes = unpack_tiles(self.words, self.bits, self.in_features).float()  # (N, K)
+        n, k = codes.shape
+        groups = -(-k // self.group)
+        padded = torch.zeros(n, groups * self.group, device=codes.device)
+        padded[:, :k] = codes
+        zeros = (self.zeros.float() if self.zeros is not None
+                 else torch.full_like(self.scales, float(1 << (self.bits - 1))))
+        weight = (padded.view(n, groups, self.group) - zeros[..., None]) * self.scales[..., None]
+        return weight.flatten(1)[:, :k]
+
+
+def tile_weight(quantized, *, rowsum: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> TiledWeight:
+    """A :class:`slimline.quant.scheme.QuantizedWeight` in the tiled layout."""
+    group = quantized.group_size
+    k = quantized.in_features
+    if group < k and (group % 32 or (group % TILE_CODES and TILE_CODES % group)):
+        raise ConfigError(f"groups of {group} codes do not line up with {TILE_CODES}-code tiles", stage="backend",
+                          where="tile_weight", hint="use groups of 32, 64, 128, 256 or 512, or one group per row")
+    words = pack_tiles(quantized.codes[:, :k], quantized.scheme.bits)
+    zeros = quantized.zeros.contiguous() if quantized.zeros is not None else None
+    return TiledWeight(words, quantized.scales.float().contiguous(), zeros, quantized.scheme.bits, group, k,
+                       rowsum, bias)
+
+
+@triton.jit
+def _plane(words_ptr, offs_nc, mask_nc, i: tl.constexpr, t: tl.constexpr, plane_stride,
+           C: tl.constexpr, EVEN_N: tl.constexpr):
+    """Words (BLOCK_N, C) of plane ``i``, tile ``t``."""
+    pointers = words_ptr + i * plane_stride + t * C + offs_nc
+    if EVEN_N:
+        return tl.load(pointers)
+    else:
+        return tl.load(pointers, mask=mask_nc, other=0)
+
+
+@triton.jit
+def _slot_value(w, j: tl.constexpr, BITS: tl.constexpr):
+    """1 + q / 2^BITS as fp32, q the code at bits [j·BITS, (j+1)·BITS) of ``w``: shift, mask, or."""
+    if j * BITS <= 23 - BITS:
+        v = w << (23 - BITS - j * BITS)
+    else:
+        v = w >> (j * BITS - (23 - BITS))
+    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slot3_tail(w0, w1, w2, which: tl.constexpr):
+    """Slots 30 (which=0) and 31 (which=1) of the 3-bit layout, as 1 + q/8."""
+    if which == 0:
+        v = ((w0 >> 10) & (3 << 20)) | ((w1 >> 8) & (1 << 22))
+    else:
+        v = ((w1 >> 11) & (1 << 20)) | ((w2 >> 9) & (3 << 21))
+    return (v | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    if i == 0:
+        r = p0
+    elif i == 1:
+        r = p1
+    elif i == 2:
+        r = p2
+    elif i == 3:
+        r = p3
+    elif i == 4:
+        r = p4
+    elif i == 5:
+        r = p5
+    elif i == 6:
+        r = p6
+    else:
+        r = p7
+    return r
+
+
+@triton.jit
+def _x_slot(x_ptr, t: tl.constexpr, m: tl.constexpr, offs_c, K: tl.constexpr, TILE: tl.constexpr,
+            C: tl.constexpr):
+    """x at the codes of slot ``m`` of tile ``t``: C contiguous values, fp32 (0 past K)."""
+    start: tl.constexpr = t * TILE + m * C
+    if start + C <= K:
+        xm = tl.load(x_ptr + start + offs_c)
+    else:
+        xm = tl.load(x_ptr + start + offs_c, mask=start + offs_c < K, other=0.0)
+    return xm.to(tl.float32)
+
+
+@triton.jit
+def _group_end(acc, part, scales_ptr, offs_n, mask_n, t: tl.constexpr, m: tl.constexpr, G,
+               TILE: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
+    """After slot m: if it closes a group, acc += a·part (a = scale·2^BITS) and part restarts."""
+    if (t * TILE + (m + 1) * C) % GROUP == 0:
+        g: tl.constexpr = (t * TILE + m * C) // GROUP
+        a = tl.load(scales_ptr + offs_n * G + g, mask=mask_n & (offs_n * 0 + g < G), other=0.0) * (1 << BITS)
+        acc += a[:, None] * part
+        part = tl.zeros_like(part)
+    return acc, part
+
+
+@triton.jit
+def _tiled_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, res_ptr, rowsum_ptr, bias_ptr,
+                       N, G, plane_stride, eps,
+                       K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       TILE: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    if USE_PDL:
+        _gdc_launch_dependents()
+    C: tl.constexpr = TILE // 32
+    TILES: tl.constexpr = KP // TILE
+    PLANES: tl.constexpr = BITS
+    P: tl.constexpr = 10 if BITS == 3 else 32 // BITS  # regular slots per word
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, C)
+    offs_nc = offs_n[:, None].to(tl.int64) * (KP // 32) + offs_c[None, :]  # (BLOCK_N, C)
+    mask_nc = mask_n[:, None] & (offs_c < C)[None, :]
+    # before the wait: the first tile's words, every group's scale and zero (none depend on x)
+    p0 = _plane(words_ptr, offs_nc, mask_nc, 0, 0, plane_stride, C, EVEN_N)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    p4 = p0
+    p5 = p0
+    p6 = p0
+    p7 = p0
+    if PLANES > 1:
+        p1 = _plane(words_ptr, offs_nc, mask_nc, 1, 0, plane_stride, C, EVEN_N)
+    if PLANES > 2:
+        p2 = _plane(words_ptr, offs_nc, mask_nc, 2, 0, plane_stride, C, EVEN_N)
+    if PLANES > 3:
+        p3 = _plane(words_ptr, offs_nc, mask_nc, 3, 0, plane_stride, C, EVEN_N)
+    if PLANES > 4:
+        p4 = _plane(words_ptr, offs_nc, mask_nc, 4, 0, plane_stride, C, EVEN_N)
+        p5 = _plane(words_ptr, offs_nc, mask_nc, 5, 0, plane_stride, C, EVEN_N)
+        p6 = _plane(words_ptr, offs_nc, mask_nc, 6, 0, plane_stride, C, EVEN_N)
+        p7 = _plane(words_ptr, offs_nc, mask_nc, 7, 0, plane_stride, C, EVEN_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_ng = mask_n[:, None] & (offs_g < G)[None, :]
+    scales = tl.load(scales_ptr + offs_n[:, None] * G + offs_g[None, :], mask=mask_ng, other=0.0)  # (BLOCK_N, BLOCK_G)
+    if HAS_ZEROS:
+        zeros = tl.load(zeros_ptr + offs_n[:, None] * G + offs_g[None, :], mask=mask_ng, other=0).to(tl.float32)
+    else:
+        zeros = tl.full((BLOCK_N, BLOCK_G), 1 << (BITS - 1), tl.float32)
+    if USE_PDL:
+        _gdc_wait()  # x (and the residual) come from the previous kernel
+    # x's statistics and its sum per group, S (BLOCK_G,)
+    mean = 0.0
+    rstd = 1.0
+    if GROUP >= KP:  # one group per row: S is the sum of x
+        total = tl.zeros((1024,), tl.float32)
+        squares = tl.zeros((1024,), tl.float32)
+        for k0 in tl.static_range(0, K, 1024):
+            offs_k = k0 + tl.arange(0, 1024)
+            xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            total += xk
+            squares += xk * xk
+        group_sums = tl.where(offs_g == 0, tl.sum(total, axis=0), 0.0)
+        sum_x = tl.sum(total, axis=0)
+        sum_squares = tl.sum(squares, axis=0)
+    else:
+        offs_in = tl.arange(0, GROUP)
+        index = offs_g[:, None] * GROUP + offs_in[None, :]  # (BLOCK_G, GROUP)
+        xg = tl.load(x_ptr + index, mask=index < K, other=0.0).to(tl.float32)
+        group_sums = tl.sum(xg, axis=1)
+        sum_x = tl.sum(group_sums, axis=0)
+        sum_squares = tl.sum(tl.sum(xg * xg, axis=1), axis=0)
+    if NORM == 1:
+        rstd = 1.0 / tl.sqrt(sum_squares / K + eps)
+    if NORM == 2:
+        mean = sum_x / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(sum_squares / K - mean * mean, 0.0) + eps)
+    # Σ_g c·S_g, c = s·(2^b + z)
+    correction = tl.sum(scales * ((1 << BITS) + zeros) * group_sums[None, :], axis=1)  # (BLOCK_N,)
+    acc = tl.zeros((BLOCK_N, C), tl.float32)
+    part = tl.zeros((BLOCK_N, C), tl.float32)
+    for t in tl.static_range(TILES):
+        for i in tl.static_range(PLANES):
+            if t == 0:
+                w = _pick(i, p0, p1, p2, p3, p4, p5, p6, p7)
+            else:
+                w = _plane(words_ptr, offs_nc, mask_nc, i, t, plane_stride, C, EVEN_N)
+            for j in tl.static_range(P):
+                xm = _x_slot(x_ptr, t, i * P + j, offs_c, K, TILE, C)
+                part += _slot_value(w, j, BITS) * xm[None, :]
+                acc, part = _group_end(acc, part, scales_ptr, offs_n, mask_n, t, i * P + j, G, TILE, C, GROUP, BITS)
+        if BITS == 3:
+            if t == 0:
+                w0 = p0
+                w1 = p1
+                w2 = p2
+            else:
+                w0 = _plane(words_ptr, offs_nc, mask_nc, 0, t, plane_stride, C, EVEN_N)
+                w1 = _plane(words_ptr, offs_nc, mask_nc, 1, t, plane_stride, C, EVEN_N)
+                w2 = _plane(words_ptr, offs_nc, mask_nc, 2, t, plane_stride, C, EVEN_N)
+            for which in tl.static_range(2):
+                xm = _x_slot(x_ptr, t, 30 + which, offs_c, K, TILE, C)
+                part += _slot3_tail(w0, w1, w2, which) * xm[None, :]
+                acc, part = _group_end(acc, part, scales_ptr, offs_n, mask_n, t, 30 + which, G, TILE, C, GROUP,
+                                       BITS)
+    y = tl.sum(acc, axis=1) - correction  # (BLOCK_N,) = Q x
+    if NORM == 1:
+        y = y * rstd
+    if NORM == 2:
+        rowsum = tl.load(rowsum_ptr + offs_n, mask=mask_n, other=0.0)
+        y = (y - mean * rowsum) * rstd
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+    y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection, rounded as torch rounds it
+    if ACT == 1:  # rows interleaved [gate_0, up_0, gate_1, up_1, ...]: out = silu(gate) · up
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        gate = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y_out = gate * up
+        offs_out = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        mask_out = offs_out < N // 2
+    else:
+        y_out = y
+        if ACT == 2:  # exact (erf) GELU
+            y_out = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+        offs_out = offs_n
+        mask_out = mask_n
+    if RESIDUAL:
+        y_out = y_out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        y_out += tl.load(res_ptr + offs_out, mask=mask_out, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_out, y_out.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+def _use_pdl(pdl: bool) -> bool:
+    import os
+
+    return pdl and PDL_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def tiled_gemv(x: torch.Tensor, weight: TiledWeight, out: torch.Tensor, *, norm: int = NORM_NONE,
+               eps: float = 1e-6, act: int = ACT_NONE, residual: torch.Tensor | None = None,
+               config: TiledConfig = DEFAULT_TILED, pdl: bool = False) -> torch.Tensor:
+    """out (N or N/2,) = epilogue(norm-scaled (Q · x (K,))) [+ residual]; returns out.
+
+    ``act=ACT_SILU_PAIR``: the weight's rows are interleaved [gate_0, up_0, gate_1, ...] and out is
+    silu(gate)·up (N/2,). ``norm``: RMS or Layer, with the norm's weight already folded into Q (and
+    for LayerNorm ``weight.rowsum`` and ``weight.bias`` set). ``out`` may be ``residual``.
+    """
+    n, k = weight.out_features, weight.in_features
+    if x.shape != (k,) or not x.is_contiguous():
+        raise ConfigError(f"tiled_gemv takes one contiguous row x of {k}, got {tuple(x.shape)}", stage="backend",
+                          where="tiled_gemv", hint="flatten x to (K,)")
+    if norm == NORM_LAYER and weight.rowsum is None:
+        raise ConfigError("LayerNorm prologue needs the weight's row sums", stage="backend", where="tiled_gemv",
+                          hint="set TiledWeight.rowsum (the dequantized weight summed over K)")
+    if act == ACT_SILU_PAIR and config.block_n % 2:
+        raise ConfigError(f"SiLU pairs need an even block_n, got {config.block_n}", stage="backend",
+                          where="tiled_gemv")
+    kp = weight.words.shape[2] * 32
+    group = weight.group if weight.group < k else kp
+    groups = weight.scales.shape[1]
+    pdl = _use_pdl(pdl)
+    grid = (triton.cdiv(n, config.block_n),)
+    scales = weight.scales
+    _tiled_gemv_kernel[grid](
+        x, weight.words, scales, weight.zeros if weight.zeros is not None else scales, out,
+        residual if residual is not None else out,
+        weight.rowsum if weight.rowsum is not None else scales, weight.bias if weight.bias is not None else scales,
+        n, groups, weight.words.stride(0), float(eps),
+        K=k, KP=kp, BITS=weight.bits, GROUP=group, TILE=TILE_CODES,
+        BLOCK_G=max(2, triton.next_power_of_2(groups)), HAS_ZEROS=weight.zeros is not None, NORM=norm,
+        ACT=act, RESIDUAL=residual is not None, HAS_BIAS=weight.bias is not None,
+        EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n, USE_PDL=pdl, num_warps=config.num_warps,
+        **({"launch_pdl": True} if pdl else {}))
+    return out
