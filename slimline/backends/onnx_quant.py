@@ -400,6 +400,7 @@ def _dynamic_int8(graph: ir.Graph, site: _Site, layer: QuantizedLayer, x: ir.Val
         replayed.append(ir.node(node.op_type, [value, *node.inputs[1:]], dict(node.attributes),
                                 domain=node.domain, name=f"{prefix}_{node.op_type}_{index}"))
         value = replayed[-1].outputs[0]
+        value.type, value.shape = node.outputs[0].type, node.outputs[0].shape
     inputs = [value, _initializer(graph, f"{prefix}_int8_B", np.ascontiguousarray(weight.T)),
               _initializer(graph, f"{prefix}_int8_scales", np.ascontiguousarray(scales[:, 0]))]
     if site.bias is not None:
@@ -465,6 +466,9 @@ def lower_quantized_matmuls(model: ir.Model, layers: list[QuantizedLayer], *, fo
             continue
         graph.insert_before(site.matmul, replacement)
         result, new_result = site.result, replacement[-1].outputs[0]
+        # the kernel computes the value it replaces: same type and shape (the ONNX rules that
+        # run next, attention_heads_3d among them, match on known shapes)
+        new_result.type, new_result.shape = result.type, result.shape
         if result.is_graph_output():  # the new value takes the output's place and name
             _swap_graph_output(graph, result, new_result)
         result.replace_all_uses_with(new_result)

@@ -74,6 +74,12 @@ def test_int8_activations_lower_to_dynamic_quantize_matmul(tmp_path):
     # the torch-side rounding is gone where the kernel rounds (2 Round nodes per rounding)
     assert ops.get("Round", 0) == 2 * lowering["folded"]
     assert lowering["min_cosine"] > 0.999
+    # each kernel's output keeps the shape of the value it replaced (later ONNX rules match on it)
+    import onnx_ir as ir
+
+    kernels = [n for n in ir.load(str(tmp_path / "m.onnx")).graph if n.op_type == "DynamicQuantizeMatMul"]
+    assert kernels and all(n.outputs[0].shape is not None and n.outputs[0].shape.rank() == 3
+                           for n in kernels)
 
 
 def test_plain_form_leaves_the_export_alone(tmp_path):
