@@ -1,7 +1,9 @@
 """Implementation choice on gpt-small: the per-layer mix against each technique applied alone.
 
 One budget for all: ``Budget(metric="bits_per_byte", max_loss=--budget, inputs=<calibration text>)``
-where the calibration text is a slice of the *training* stream. Variants, each through
+where the calibration text is, by default, a slice of the validation stream *after* the held-out bytes
+(``--calibration-source train`` takes the training stream's first bytes instead: text the model
+has memorised, on which every lossy change looks cheaper than on new text). Variants, each through
 ``slimline.optimize(..., mode="balanced", target=--target)``:
 
     dense       the original model, uncompiled (the anchor of both columns)
@@ -89,6 +91,8 @@ def main() -> int:
     parser.add_argument("--target", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--calibration-bytes", type=int, default=4096)
+    parser.add_argument("--calibration-source", choices=("validation", "train"), default="validation",
+                        help="validation: the stream's bytes after the held-out part; train: training text")
     parser.add_argument("--heldout-bytes", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=2,
@@ -101,23 +105,27 @@ def main() -> int:
     from slimline.budget import Budget
     from slimline.models import REFERENCE_MODELS, reference_dynamic_shapes
     from slimline.models.corpus import build_corpus
-    from slimline.models.quality import TextEvalSet, evaluate_text, text_eval_set
+    from slimline.models.quality import TextEvalSet, evaluate_text, held_out_text, text_eval_set
 
     torch.manual_seed(0)
     model, example = REFERENCE_MODELS[args.model](weights=args.model)   # the trained checkpoint
     model = model.float().eval()
     window = 128
     corpus = build_corpus()
-    calibration = TextEvalSet.from_bytes(corpus.train[: args.calibration_bytes + 1], window, 8,
-                                         None, "stdlib training slice")
+    if args.calibration_source == "train":
+        stream, offset, label = corpus.train, 0, "stdlib training stream"
+    else:   # never scored: the held-out set is the validation stream's first --heldout-bytes
+        stream, offset, label = held_out_text(), args.heldout_bytes + 1, "stdlib validation stream"
+    calibration = TextEvalSet.from_bytes(stream[offset: offset + args.calibration_bytes + 1], window, 8,
+                                         None, f"{label}, bytes {offset}..{offset + args.calibration_bytes}")
     heldout = text_eval_set(args.model, max_bytes=args.heldout_bytes, window=window)
     budget = Budget("bits_per_byte", args.budget, inputs=calibration)
     device = "cuda" if args.target == "cuda" else "cpu"
     if args.batch != example[0].shape[0]:
-        # rows of training text at the asked batch, after the calibration slice: the passes fit
+        # rows of the same stream at the asked batch, after the calibration slice: the passes fit
         # (whitening, recovery) on the example, and the budget must not be judged on the same bytes
-        start = args.calibration_bytes + 1
-        rows_text = corpus.train[start: start + args.batch * window]
+        start = offset + args.calibration_bytes + 1
+        rows_text = stream[start: start + args.batch * window]
         example = (torch.tensor(list(rows_text), dtype=torch.int64).view(args.batch, window),) + tuple(example[1:])
     example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 
