@@ -72,6 +72,7 @@ TILE_CONFIGS = [
     KernelConfig("hybrid", 16, 16, 32, 16),
     KernelConfig("rows", 16, 16, 32, 16, 64),
     KernelConfig("rows", 16, 16, 16, 32, 32, num_stages=3, pdl=True, prefetch=True),
+    KernelConfig("rows", 16, 16, 32, 32, 64, split=2, pdl=True, prefetch=True),  # K across warps
 ]
 
 
@@ -140,6 +141,8 @@ def test_bad_configs_are_refused_with_reasons():
     assert any("does not divide" in p for p in check_config(KernelConfig("splitk", 1, 3, 32, 32), shape))
     assert any("powers of two" in p for p in check_config(KernelConfig("stages", 16, 16, 32, 32, 48), shape))
     assert any("≥ 16" in p for p in check_config(KernelConfig("splitk", 16, 8, 32, 32), shape))
+    assert any("split=4" in p for p in check_config(KernelConfig("rows", 16, 16, 16, 32, 64, split=4), shape))
+    assert any("rows options" in p for p in check_config(KernelConfig("splitk", 1, 16, 32, 32, pdl=True), shape))
     factors = random_factors(shape)
     kernel = MonarchKernel.from_factors(factors.right_bPQ, factors.left_bQS, shape)
     with pytest.raises(ValueError, match="does not divide"):
@@ -159,9 +162,9 @@ def test_search_space_offers_only_configs_that_run(size, nblocks, rows):
             assert tasks <= 132
     variants = {c.variant for c in configs}
     assert variants <= ({"splitk", "phased", "rows"} if rows <= 16 else {"stages", "hybrid"})
-    if rows <= 16:  # the rows variant comes first, and one of its configs goes without PDL
-        assert configs[0].variant == "rows" and configs[0].pdl
-        assert any(c.variant == "rows" and not c.pdl for c in configs)
+    if rows <= 16:  # the rows variant comes first, with and without PDL
+        assert configs[0].variant == "rows"
+        assert {c.pdl for c in configs if c.variant == "rows"} == {True, False}
 
 
 def test_local_search_checks_before_timing_and_reports_failures():
@@ -188,7 +191,8 @@ shape = monarch_shape(512, 512, 4)
 configs = [KernelConfig("splitk", 1, 16, 128, 128),
            KernelConfig("phased", 1, 16, 128, 16, 128, programs=32, prefetch=True),
            KernelConfig("rows", 1, 16, 128, 16, 128, pdl=True),
-           KernelConfig("rows", 16, 16, 64, 16, 64, num_stages=3, pdl=True, prefetch=True)]
+           KernelConfig("rows", 16, 16, 64, 16, 64, num_stages=3, pdl=True, prefetch=True),
+           KernelConfig("rows", 16, 16, 128, 16, 128, num_warps=8, pdl=True, prefetch=True, split=8)]
 print(json.dumps([compile_for_target(shape, c) for c in configs]))
 """
 
@@ -202,7 +206,7 @@ def test_the_gpu_only_paths_compile_for_sm90():
                           timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
     launches = [launch for config in json.loads(done.stdout.strip().splitlines()[-1]) for launch in config]
-    assert [launch["kernel"] for launch in launches] == ["_splitk_kernel", "_phased_kernel"] + ["_rows_kernel"] * 4
+    assert [launch["kernel"] for launch in launches] == ["_splitk_kernel", "_phased_kernel"] + ["_rows_kernel"] * 6
     assert all(launch["registers"] <= 255 and launch["spill_bytes"] == 0 for launch in launches)
 
 

@@ -391,7 +391,8 @@ def _prefetch_rows_to_l2(w_ptr, row0, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr
 def _rows_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, a_cols, out_cols, stride_am, stride_om,
                  NB: tl.constexpr, SEG: tl.constexpr, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                 PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                 SPLIT: tl.constexpr):
     """out[m, r] = Σ_c a[m, g(r)·WIDTH + c] · w[r, c] (+ bias[r]) for this program's BLOCK_R rows r.
 
     ``g(r) = (r // SEG) % NB`` picks the slice of ``a`` a weight row reads: launch 1 (w1_bQP rows
@@ -399,7 +400,10 @@ def _rows_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, a_cols, out_cols, stride_am
     (w2_bSQ rows (l, σ), SEG = S, WIDTH = Q) reads h[m, l·Q…] and writes y. BLOCK_R divides SEG,
     so one program reads one slice. ``BLOCK_K == WIDTH``: the whole weight tile is loaded in one
     go, before waiting on the previous kernel (``USE_PDL``), so every byte is in flight at once.
-    ``BLOCK_K < WIDTH`` loops over K chunks after the wait; ``PREFETCH`` first asks L2 for the
+    ``SPLIT`` > 1 (tensor-core tiles, BLOCK_K == WIDTH): the reduction is cut into SPLIT chunks
+    that the warps reduce side by side (a batched dot, then a sum), where one plain dot gives every
+    warp the whole K of ``a`` (a (BLOCK_M, WIDTH) tile per warp: ~200 registers, 2 programs an SM).
+    Otherwise ``BLOCK_K < WIDTH`` loops over K chunks after the wait; ``PREFETCH`` first asks L2 for the
     whole weight tile, so the wait hides DRAM latency there too.
     """
     pid_r = tl.program_id(0)
@@ -408,7 +412,7 @@ def _rows_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, a_cols, out_cols, stride_am
         _gdc_launch_dependents()
     row0 = pid_r * BLOCK_R
     a_col0 = ((row0 // SEG) % NB) * WIDTH
-    if BLOCK_K == WIDTH:
+    if BLOCK_K == WIDTH and SPLIT == 1:
         offs_c = tl.arange(0, WIDTH)
         rows = row0 + tl.arange(0, BLOCK_R)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * WIDTH + offs_c[None, :])
@@ -424,6 +428,23 @@ def _rows_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, a_cols, out_cols, stride_am
             a = tl.load(a_ptr + rows_m[:, None].to(tl.int64) * stride_am + cols[None, :],
                         mask=(rows_m[:, None] < M) & (cols[None, :] < a_cols), other=0.0)
             acc = tl.dot(a.to(w.dtype), tl.trans(w), input_precision=PRECISION)
+    elif SPLIT > 1:
+        # K split across warps: a batched dot over SPLIT chunks of WIDTH // SPLIT, summed after
+        CHUNK: tl.constexpr = WIDTH // SPLIT
+        if PREFETCH:  # the tile goes to smem a few loads at a time: ask L2 for all of it first
+            _prefetch_rows_to_l2(w_ptr, row0, WIDTH, BLOCK_R)
+        rows = row0 + tl.arange(0, BLOCK_R)
+        parts = tl.arange(0, SPLIT)
+        offs_k = tl.arange(0, CHUNK)
+        w3 = tl.load(w_ptr + rows[None, None, :].to(tl.int64) * WIDTH + parts[:, None, None] * CHUNK
+                     + offs_k[None, :, None])                                 # (SPLIT, CHUNK, BLOCK_R)
+        if USE_PDL:
+            _gdc_wait()
+        rows_m = m0 + tl.arange(0, BLOCK_M)
+        cols = a_col0 + parts[:, None, None] * CHUNK + offs_k[None, None, :]
+        a3 = tl.load(a_ptr + rows_m[None, :, None].to(tl.int64) * stride_am + cols,
+                     mask=(rows_m[None, :, None] < M) & (cols < a_cols), other=0.0)  # (SPLIT, BLOCK_M, CHUNK)
+        acc = tl.sum(tl.dot(a3.to(w3.dtype), w3, input_precision=PRECISION), axis=0)
     else:
         if PREFETCH:
             _prefetch_rows_to_l2(w_ptr, row0, WIDTH, BLOCK_R)
@@ -454,6 +475,7 @@ class KernelConfig:
     prefetch: bool = False       # phased: load the stage-2 weight tile first (one stage-2 task each);
                                  # rows: ask L2 for the weight tile before the wait (looped form)
     pdl: bool = False            # rows: programmatic dependent launch (weights load before the wait)
+    split: int = 0               # rows, tiles: the K of a whole-row tile split across warps (0: not)
 
     def label(self) -> str:
         tiles = f"m{self.block_m} t{self.block_t} p{self.block_p}"
@@ -466,6 +488,7 @@ class KernelConfig:
         if self.variant == "rows":  # stage-1 rows × K chunk, stage-2 rows × K chunk
             tiles = f"m{self.block_m} r{self.block_t}x{self.block_p} r{self.block_s}x{self.block_q}"
             tiles += (" pdl" if self.pdl else "") + (" l2" if self.prefetch else "")
+            tiles += f" split{self.split}" if self.split > 1 else ""
         return f"{self.variant}[{tiles} w{self.num_warps} st{self.num_stages}]"
 
 
@@ -509,8 +532,13 @@ def check_config(config: KernelConfig, shape: MonarchShape) -> list[str]:
         problems.append(f"prefetch loads whole rows of Q={Q}: Q must be a power of two")
     if config.variant == "rows" and config.block_m > 1 and min(config.block_t, config.block_s) < 16:
         problems.append("tensor-core tiles need every block ≥ 16")
-    if config.pdl and config.variant != "rows":
-        problems.append("pdl is a rows option")
+    if (config.pdl or config.split) and config.variant != "rows":
+        problems.append("pdl and split are rows options")
+    if config.split > 1 and (config.block_m == 1 or not _power_of_two(config.split)
+                             or config.block_p != P or config.block_q != Q
+                             or min(P, Q) // config.split < 16 or min(P, Q) % config.split):
+        problems.append(f"split={config.split}: tensor-core tiles of whole rows (block_p = P, "
+                        f"block_q = Q), a power of two leaving chunks of ≥ 16")
     return problems
 
 
@@ -680,8 +708,9 @@ def _rows_constants(shape: MonarchShape, config: KernelConfig, dtype: torch.dtyp
         seg, width, block_r, block_k = shape.block_out, shape.block_hidden, config.block_s, config.block_q
     return dict(NB=shape.nblocks, SEG=seg, WIDTH=width, HAS_BIAS=has_bias, BLOCK_M=config.block_m,
                 BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=_precision(dtype), USE_PDL=pdl,
-                PREFETCH=(config.prefetch and block_k < width and compiled
+                PREFETCH=(config.prefetch and (block_k < width or config.split > 1) and compiled
                           and block_r * width * _BYTES[dtype] >= 128),
+                SPLIT=max(1, config.split),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -827,8 +856,9 @@ def candidate_configs(shape: MonarchShape, rows: int, multiprocessors: int = 132
                                       num_warps=8, num_stages=1 if block_m == 1 else 2,
                                       programs=min(programs, sms), prefetch=prefetch))
     else:
-        for block_m, block_n, block_k, warps, stages in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                                         (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+        for block_m, block_n, block_k, warps, stages in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3),
+                                                         (256, 128, 64, 8, 3), (64, 128, 64, 4, 4),
+                                                         (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                                                          (128, 64, 64, 4, 4)):
             block_t, block_s = _largest(T, 16, block_n), _largest(S, 16, block_n)
             block_p, block_q = _largest(P, 16, block_k), _largest(Q, 16, block_k)
@@ -852,12 +882,13 @@ def candidate_configs(shape: MonarchShape, rows: int, multiprocessors: int = 132
 
 
 def _rows_configs(shape: MonarchShape, rows: int, limit: int, sms: int) -> list[KernelConfig]:
-    """Decode configs of the two-launch ``rows`` variant, likeliest first (at most ``limit // 2``).
+    """Decode configs of the two-launch ``rows`` variant, likeliest first (at most ``limit - 3``).
 
     Each program owns BLOCK_R whole weight rows: 8–32K elements (16–64 KB in bf16), loaded in one
     go where the row length is a power of two, so a launch has all its weight bytes in flight at
     once (bandwidth, not latency); PDL on, so launch 2 loads its weights while launch 1 drains.
-    One config without PDL shows what PDL is worth.
+    One config without PDL shows what PDL is worth. Tensor-core tiles (M > 1) split K across the
+    warps (``split``) or not, and may ask L2 for their tile first (``prefetch``).
     """
     T, P, S, Q = shape.slab_rank, shape.block_in, shape.block_out, shape.block_hidden
     block_m = 1 if rows == 1 else 16
@@ -871,14 +902,15 @@ def _rows_configs(shape: MonarchShape, rows: int, limit: int, sms: int) -> list[
             return block_r, width                                  # the whole row block at once
         return block_r, _largest(width, max(low, 16), max(16, elements // max(1, block_r)))
 
-    if block_m == 1:  # (elements per program, warps, stages, PDL, L2 prefetch)
-        plans = ((16384, 4, 1, True, False), (16384, 4, 1, False, False), (8192, 4, 1, True, False),
-                 (16384, 8, 1, True, False), (32768, 8, 1, True, False))
+    if block_m == 1:  # (elements per program, warps, stages, PDL, L2 prefetch, K split)
+        plans = ((16384, 4, 1, True, False, 0), (16384, 4, 1, False, False, 0), (8192, 4, 1, True, False, 0),
+                 (16384, 8, 1, True, False, 0), (32768, 8, 1, True, False, 0))
     else:
-        plans = ((16384, 4, 1, True, False), (16384, 4, 1, False, False), (8192, 4, 4, True, True),
-                 (16384, 8, 1, True, False), (8192, 4, 3, True, False))
+        plans = ((16384, 8, 1, True, False, 8), (16384, 4, 1, False, False, 0), (16384, 4, 1, True, False, 0),
+                 (16384, 8, 1, True, True, 8), (16384, 4, 1, True, False, 4), (32768, 8, 1, True, False, 8),
+                 (8192, 4, 4, True, True, 0))
     found = []
-    for elements, warps, stages, pdl, prefetch in plans:
+    for elements, warps, stages, pdl, prefetch, split in plans:
         spread = elements < 32768  # the largest plan: one program per SM at most, 64 KB each
         (block_t, block_p), (block_s, block_q) = (tile(T, P, shape.nblocks * Q, elements, spread),
                                                   tile(S, Q, shape.nblocks * S, elements, spread))
@@ -887,9 +919,10 @@ def _rows_configs(shape: MonarchShape, rows: int, limit: int, sms: int) -> list[
         if stages > 1:  # the looped form: a K chunk per step, software-pipelined
             block_p, block_q = _largest(P, low, 256), _largest(Q, low, 256)
         found.append(KernelConfig("rows", block_m, block_t, block_p, block_s, block_q,
-                                  num_warps=warps, num_stages=stages, pdl=pdl, prefetch=prefetch))
+                                  num_warps=warps, num_stages=stages, pdl=pdl, prefetch=prefetch,
+                                  split=split))
     unique = [c for c in dict.fromkeys(found) if not check_config(c, shape)]
-    return unique[: max(1, limit // 2)]
+    return unique[: max(1, limit - 3)]
 
 
 def _spread(configs: list[KernelConfig], limit: int) -> list[KernelConfig]:
