@@ -377,10 +377,8 @@ class Goal:
 
 
 def _runner(graph: Graph) -> Any:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return graph.module(*args, **kwargs)
-    return run
+    """The graph's module itself: a metric finds the device to put its inputs on from its weights."""
+    return graph.module
 
 
 def goal_of(context: PassContext, graph: Graph) -> Goal:

@@ -208,11 +208,16 @@ def test_a_task_metric_budget_is_spent_on_its_own_data():
     graph = _graph(model, x)
     labels = model(x).argmax(-1)
 
+    given = []
+
     def agreement(runner, inputs):  # fraction of rows whose argmax the float model agrees with
+        given.append(runner)
         return float((runner(inputs).argmax(-1) == labels).float().mean())
 
     budget = slimline.Budget(agreement, 0.1, higher_is_better=True, inputs=x)
     result = _run(graph, quantize.Config(bits=4, method="rtn"), budget=budget)
+    # the metric gets the graph's module, whose weights say where its inputs belong (cuda)
+    assert given and all(isinstance(runner, nn.Module) for runner in given)
     # all three layers at 4 bits lose more than 10% agreement: the task metric, not the
     # output cosine (0.9 for task-metric budgets), is what keeps a layer dense here
     assert result.stats["cosine_all_quantized"] >= result.stats["target_cosine"]
