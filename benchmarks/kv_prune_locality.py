@@ -144,6 +144,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="first windows in spread order of 64")
     parser.add_argument("--budgets", default="0.5,0.3,0.2")
     parser.add_argument("--policies", default="keyformer,h2o,streaming")
+    parser.add_argument("--mean-score", action="store_true",
+                        help="also Keyformer and H2O ranked by mean weight per query (kv_prune mean_score; "
+                             "not the papers')")
+    parser.add_argument("--fixed", action="store_true", help="budgets as fixed token counts, round(f x prompt)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -160,8 +164,11 @@ def main() -> None:
     static = static_measures(probs, prompt, budgets)
     configs = {"full": None}
     for budget in budgets:
+        size = max(1, round(budget * prompt)) if args.fixed else budget
         for policy in args.policies.split(","):
-            configs[f"{policy} {budget:.0%}"] = {"policy": policy, "budget": budget}
+            configs[f"{policy} {budget:.0%}"] = {"policy": policy, "budget": size}
+            if args.mean_score and policy != "streaming":
+                configs[f"{policy}-mean {budget:.0%}"] = {"policy": policy, "budget": size, "mean_score": True}
     coverage = policy_coverage(model, rows, probs, prompt, configs)
 
     record = {"benchmark": "kv_prune_locality", "model": args.model,
@@ -170,15 +177,19 @@ def main() -> None:
               "queries": f"positions {prompt}..{context - 1} of each {context}-byte window",
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "device": f"cpu ({platform.machine()}, {args.threads} thread(s))",
+              "budget_meaning": "fixed round(f x prompt) tokens" if args.fixed else "f of the tokens seen",
+              "configs": {name: config for name, config in configs.items()},
               "static": static, "policies": coverage, "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"kv_prune_locality_{args.model}.json").write_text(json.dumps(record, indent=1) + "\n")
+    stem = f"kv_prune_locality_{args.model}" + ("_fixed" if args.fixed else "") + ("_mean" if args.mean_score else "")
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
 
     L = probs.shape[0]
     lines = [f"# Attention locality of {args.model} and what each policy keeps", "",
              f"{args.windows} held-out windows (spread order of 64, as the quality table), queries = the "
              f"{context - prompt} scored positions {prompt}..{context - 1}; p from one full-attention pass. "
+             f"Budget: {record['budget_meaning']}. "
              f"Means over queries, windows, heads; per layer 0..{L - 1}. {record['date'][:10]}, {record['device']}.",
              "", "Attention mass by distance (the key j with q - j < w; sinks = positions 0-3):", "",
              "| keys | mean | per layer |", "| --- | ---: | --- |"]
@@ -207,7 +218,12 @@ def main() -> None:
             lines.append(f"| {layer} | {1 - half['recent_window'][layer]:.3f} | {1 - half['streaming_set'][layer]:.3f} | "
                          f"{1 - half['oracle_top_k'][layer]:.3f} | "
                          f"{1 - coverage['keyformer 50%']['coverage'][layer]:.3f} |")
-    (out / f"kv_prune_locality_{args.model}.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "Every decode-loop run (coverage = mean over layers; bits/byte of its teacher-forced predictions):", "",
+              "| run | coverage | bits/byte | Δ vs full |", "| --- | ---: | ---: | ---: |"]
+    for name, row in coverage.items():
+        lines.append(f"| {name} | {mean(row['coverage']):.3f} | {row['bits_per_byte']:.4f} | "
+                     f"{row['bits_per_byte'] / coverage['full']['bits_per_byte'] - 1:+.2%} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--fixed", action="store_true",
                         help="the paper's budget: k = budget x prompt tokens, fixed while decoding (one eviction "
                              "per step); default: a fraction of the tokens seen (the cache grows by f per token)")
+    parser.add_argument("--mean-score", action="store_true",
+                        help="Keyformer and H2O rank by mean weight per query (kv_prune mean_score): an "
+                             "experiment, not the papers' method; results go to *_mean.{json,md}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=None,
                         help="start no new batch of windows after this many minutes (the record says how many ran)")
@@ -173,6 +176,8 @@ def main() -> None:
                 size = max(1, round(budget * prompt)) if args.fixed else budget
                 configs[(policy, budget, seed)] = {"policy": policy, "budget": size, "window": args.window,
                                                    "seed": seed}
+                if args.mean_score and policy != "streaming":
+                    configs[(policy, budget, seed)]["mean_score"] = True
     deadline = None if args.minutes is None else started + 60 * args.minutes
     runs = teacher_forced_all(model, windows, prompt, steps, configs, batch, deadline)
     windows = windows[:len(runs[("full", 1.0, 0)][0])]  # the windows done
@@ -242,6 +247,7 @@ def main() -> None:
         "held_out_matches_card": hashlib.sha256(held_out_text()).hexdigest() == card["corpus"]["sha256_validation"],
         "protocol": {"prompt_bytes": prompt, "scored_bytes_per_window": steps, "scored_bytes": targets.numel(),
                      "window": args.window, "streaming_sinks": 4, "keyformer_tau": [1.0, 2.0],
+                     "mean_score": args.mean_score,
                      "budget_meaning": ("fixed: round(f x prompt) tokens for the whole decode, one eviction per "
                                         "step (the Keyformer paper's setting)") if args.fixed else
                                        "fraction of the tokens seen: f of the prompt after prefill"},
@@ -258,7 +264,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"kv_prune_quality_{name}" + ("_fixed" if args.fixed else "")
+    stem = f"kv_prune_quality_{name}" + ("_fixed" if args.fixed else "") + ("_mean" if args.mean_score else "")
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown_table(rows, full)
     lines = [f"# KV-cache pruning quality on {name}", "",
@@ -266,6 +272,8 @@ def main() -> None:
              f"through the pruned cache and scored ({targets.numel():,} bytes). Budget: "
              + ("the paper's, round(f x prompt) tokens fixed while decoding (one eviction per step). "
                 if args.fixed else "f of the tokens seen (the cache grows by f per decoded token). ")
+             + ("Keyformer and H2O rank by mean weight per query (mean_score: an experiment, not the papers' "
+                "method). " if args.mean_score else "")
              + "Keyformer: "
              + (f"mean of {args.seeds} Gumbel seeds (± half the range)" if args.seeds > 1 else "Gumbel seed 0")
              + f". Window {args.window:.0%} of the budget for "

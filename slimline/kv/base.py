@@ -29,9 +29,15 @@ class EvictionPolicy:
         """
         raise NotImplementedError
 
+    mean_score = False  # rank by the mean weight per query that saw the token (Config.mean_score)
+
     def rank(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Higher = keep. Default: the accumulated score."""
-        return scores
+        """Higher = keep. Default: the accumulated score; with ``mean_score``, that score divided by
+        the number of queries that could attend to the token (newest position + 1 - its position)."""
+        if not self.mean_score:
+            return scores
+        newest = positions.amax(dim=-1, keepdim=True)
+        return scores / (newest + 1 - positions).clamp(min=1)
 
     def prompt_key(self) -> tuple | None:
         """Equal keys = equal prompt weights from the same logits (one prefill may score for both); None: unique."""

@@ -39,10 +39,13 @@ __all__ = ["DecodeSession", "make_policy", "prefill_together"]
 def make_policy(plan: Plan, device: torch.device) -> EvictionPolicy:
     name = plan.config.policy
     if name == "keyformer":
-        return Keyformer(plan.temperature, plan.config.seed, device)
-    if name == "h2o":
-        return H2O()
-    return StreamingLLM()
+        policy = Keyformer(plan.temperature, plan.config.seed, device)
+    elif name == "h2o":
+        policy = H2O()
+    else:
+        return StreamingLLM()
+    policy.mean_score = plan.config.mean_score
+    return policy
 
 
 class DecodeSession:

@@ -43,7 +43,9 @@ cache then grows by one slot every 1/f tokens, so memory and attention FLOPs sta
 full cache however long the generation runs, and f = 1 never evicts (it reproduces full-cache
 generation). An int n is a fixed token count. Window: a float is a fraction of the budget
 (Keyformer's default 0.3, rounded down), an int a token count; the token just decoded is always
-kept. ``sinks`` defaults to 4 for streaming and 0 otherwise.
+kept. ``sinks`` defaults to 4 for streaming and 0 otherwise. ``mean_score`` (off by default, not
+part of either paper) ranks Keyformer/H2O tokens by their score divided by the number of queries
+that could attend to them, so old tokens are not favoured for having been seen more often.
 
 Shape legend: L layers, B batch, Hkv key/value heads, G query heads per key/value head, S cache
 slots, D head size, P prompt length, V vocabulary.
@@ -81,6 +83,9 @@ class Config:
     tau_init: float = tunable(1.0, (0.5, 1.0, 2.0), "Keyformer: softmax temperature at the prompt")
     tau_end: float = tunable(2.0, (1.0, 2.0, 4.0), "Keyformer: temperature at the last decode step")
     seed: int = tunable(0, None, "Keyformer: seed of the Gumbel noise")
+    mean_score: bool = tunable(False, (False, True),
+                               "rank by the mean weight per query that could see a token, not the sum "
+                               "(an experiment, not the papers' choice: their sum favours old tokens)")
 
     @property
     def sink_count(self) -> int:
@@ -146,6 +151,9 @@ def check_config(config: Any) -> Config:
     if _is_int(budget) and config.sink_count > budget:
         raise _error(f"{config.sink_count} sink tokens do not fit a budget of {budget} tokens",
                      "kv_prune sinks", "fewer sinks, or a larger budget")
+    if not isinstance(config.mean_score, bool):
+        raise _error(f"mean_score must be True or False, got {config.mean_score!r}", "kv_prune mean_score",
+                     "mean_score=False is Keyformer's (and H2O's) own ranking")
     for name in ("tau_init", "tau_end"):
         value = getattr(config, name)
         if not _is_number(value) or not value > 0 or math.isinf(value):

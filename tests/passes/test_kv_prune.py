@@ -76,6 +76,7 @@ def teacher_forced(gpt, text, kv_prune, steps=STEPS):
     ({"budget": 3, "policy": "streaming"}, "4 sink tokens do not fit"),
     ({"tau_init": 0.0}, "tau_init must be a positive number"),
     ({"recent": 0.3}, "unknown kv_prune option"),
+    ({"mean_score": 1}, "mean_score must be True or False"),
 ])
 def test_bad_configs_get_clear_errors(options, message):
     with pytest.raises(SlimlineError, match="kv_prune") as caught:
@@ -393,11 +394,11 @@ class TableAdapter:
         return torch.zeros(B, 1, 8), logits.unsqueeze(3), keys, values
 
 
-def keyformer_by_masks(table, prompt, steps, budget, window, temperature, normalise=False):
+def keyformer_by_masks(table, prompt, steps, budget, window, temperature, mean_rank=False):
     """The selection of Keyformer's reference code, written over absolute positions with a keep
     mask (no compaction): score = column sums of softmax(logits / τ) over the prompt's queries,
-    unnormalised (``normalise``: divided by the number of queries that saw each key — *not* the
-    paper's choice, kept here to show the test can tell them apart); dropped tokens take no part
+    unnormalised (``mean_rank``: ranked by the score divided by the number of queries that could see
+    each key — *not* the paper's choice; Config.mean_score); dropped tokens take no part
     in later softmaxes and keep no score; after the prompt keep the ``window`` newest + the top
     (budget - window) older ones; every decode step adds the new token, accumulates, and evicts
     the lowest-scored token older than the window. Returns the kept positions (L, B, H, budget)
@@ -406,9 +407,8 @@ def keyformer_by_masks(table, prompt, steps, budget, window, temperature, normal
     P = prompt
     logits = table[..., :P, :P].masked_fill(torch.ones(P, P, dtype=torch.bool).triu(1), float("-inf"))
     score = torch.softmax(logits / temperature(0), dim=-1).sum(dim=-2)  # (L, B, H, P)
-    if normalise:
-        score = score / torch.arange(P, 0, -1)
-    older = score[..., : P - window]
+    rank = score / torch.arange(P, 0, -1) if mean_rank else score  # key j was seen by P - j queries
+    older = rank[..., : P - window]
     keep = torch.zeros(L, B, H, T, dtype=torch.bool)
     keep[..., P - window:P] = True
     keep[..., : P - window].scatter_(-1, older.topk(budget - window, dim=-1).indices, True)
@@ -421,15 +421,16 @@ def keyformer_by_masks(table, prompt, steps, budget, window, temperature, normal
         step_score = torch.softmax(row / temperature(t), dim=-1)
         score = score + step_score
         candidates = keep & (torch.arange(T) <= q - window)
-        victim = score.masked_fill(~candidates, float("inf")).argmin(dim=-1, keepdim=True)
+        rank = score / (q + 1 - torch.arange(T)).clamp(min=1) if mean_rank else score
+        victim = rank.masked_fill(~candidates, float("inf")).argmin(dim=-1, keepdim=True)
         keep.scatter_(-1, victim, False)
         score = score * keep
         kept.append(keep.nonzero()[:, -1].view(L, B, H, budget))
     return kept
 
 
-@pytest.mark.parametrize("policy", ["keyformer", "h2o"])
-def test_selection_matches_the_papers_algorithm_per_layer_and_head(gpt, monkeypatch, policy):
+@pytest.mark.parametrize("policy, mean_score", [("keyformer", False), ("h2o", False), ("keyformer", True)])
+def test_selection_matches_the_papers_algorithm_per_layer_and_head(gpt, monkeypatch, policy, mean_score):
     """Per layer and head, prompt column sums, unnormalised accumulation, the window of the current
     cache, one eviction per step at a fixed budget (Keyformer's noise is zeroed here to compare
     choices exactly; its draws are checked on their own below)."""
@@ -440,13 +441,14 @@ def test_selection_matches_the_papers_algorithm_per_layer_and_head(gpt, monkeypa
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(L, B, H, P + N, P + N, generator=generator) * 2
     table[..., 5] += 3  # a few heavy hitters, so scores, not recency, decide
-    session = DecodeSession(gpt, {"policy": policy, "budget": budget, "window": 0.3}, steps=N)
+    session = DecodeSession(gpt, {"policy": policy, "budget": budget, "window": 0.3, "mean_score": mean_score},
+                            steps=N)
     session.adapter = TableAdapter(table, gpt)
     session.prefill(torch.zeros(B, P, dtype=torch.int64))
     plan = session.plan
     window = plan.window(budget)
     temperature = plan.temperature if policy == "keyformer" else (lambda step: 1.0)
-    expected = keyformer_by_masks(table, P, N, budget, window, temperature)
+    expected = keyformer_by_masks(table, P, N, budget, window, temperature, mean_score)
     assert window == 4 and plan.temperature(N) == 2.0
     assert torch.equal(session.kept_positions(), expected[0])
     for t in range(1, N + 1):
@@ -455,8 +457,8 @@ def test_selection_matches_the_papers_algorithm_per_layer_and_head(gpt, monkeypa
     assert session.stats["evictions"] == N and session.cache.capacity == budget + 1
     per_head = expected[-1].flatten(0, 2)
     assert len({tuple(row.tolist()) for row in per_head}) == L * B * H  # every head chose its own
-    normalised = keyformer_by_masks(table, P, N, budget, window, temperature, normalise=True)
-    assert not all(torch.equal(a, b) for a, b in zip(expected, normalised))  # the test tells them apart
+    other = keyformer_by_masks(table, P, N, budget, window, temperature, not mean_score)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, other))  # the test tells sum and mean apart
 
 
 def test_keyformer_weights_are_a_gumbel_softmax_at_the_scheduled_temperature():
