@@ -15,12 +15,17 @@ E head width, Ev value head width, D = H·E.
               key_BHkLE, value_BHkLEv: the same
               out_BHSEv  = Attention(query_BHSE, key_BHkLE, value_BHkLEv[, mask])
               [out_BHSEv = Where(IsNaN(out_BHSEv), 0, out_BHSEv)]       the NaN guard, if any
-              out_BSD    = Reshape(Transpose(out_BHSEv, perm=(0, 2, 1, 3)), (B, S, H·Ev))
+              out_T      = Reshape(Transpose(out_BHSEv, perm=(0, 2, 1, 3)), shape_T)
     check     shapes known and consistent (D = H·E); no past key/value inputs; only the first
-              output is read; the output Transpose and Reshape are read once
+              output is read; the output Transpose and Reshape are read once; the merge is
+              (B, S, H·Ev), or else ``shape_T`` is a constant without a 0 that copies an input
+              dimension past the second (GPT-2's exports merge straight to (B·S, H·Ev))
     replace   out_BSD = Attention(query_BSD, key_BLD, value_BLD[, mask], q_num_heads=H,
                                   kv_num_heads=Hk, …the original attributes)
               [out_BSD = Where(IsNaN(out_BSD), 0, out_BSD)]             elementwise: moves along
+              [out_T   = Reshape(out_BSD, shape_T)]     when the merge was not to (B, S, H·Ev):
+                                                        (B, S, H, Ev) and (B, S, H·Ev) hold
+                                                        their elements in the same order
 
 Counters: ``heads_3d`` per rewrite.
 """
@@ -29,8 +34,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from slimline.onnx.base import (Reason, attribute, dims, only_consumer, producer, same_dim,
-                                scalar_constant, stamp)
+from slimline.onnx.base import (Reason, attribute, constant_array, dims, only_consumer, producer,
+                                same_dim, scalar_constant, stamp)
 
 __all__ = ["NAME", "EXACT", "MIN_OPSET", "pattern", "check", "replace"]
 
@@ -61,7 +66,7 @@ def pattern(node: ir.Node) -> dict | Reason | None:
     merged = _head_merge(output)
     if isinstance(merged, Reason):
         return merged
-    site["reshape"] = merged
+    site["reshape"], site["keep_reshape"] = merged
     return site
 
 
@@ -98,7 +103,8 @@ def _head_split(value_BHSE: ir.Value | None) -> tuple[ir.Value, int] | Reason:
     return reshape.inputs[0], heads
 
 
-def _head_merge(out_BHSEv: ir.Value) -> ir.Node | Reason:
+def _head_merge(out_BHSEv: ir.Value) -> tuple[ir.Node, bool] | Reason:
+    """The merge Reshape, and whether it must stay (on the 3-D output) or can go."""
     transpose = only_consumer(out_BHSEv)
     if transpose is None or transpose.op_type != "Transpose" or \
             list(attribute(transpose, "perm", []) or []) != _HEADS_FIRST:
@@ -107,13 +113,17 @@ def _head_merge(out_BHSEv: ir.Value) -> ir.Node | Reason:
     if reshape is None or reshape.op_type != "Reshape":
         return Reason("the transposed output is not read once by a Reshape")
     split, flat = dims(transpose.outputs[0]), dims(reshape.outputs[0])
-    if split is None or flat is None or len(split) != 4 or len(flat) != 3:
-        return Reason("shapes around the head merge are unknown or not 4-D -> 3-D")
-    if not (isinstance(split[2], int) and isinstance(split[3], int)
-            and flat[2] == split[2] * split[3]
-            and same_dim(flat[0], split[0]) and same_dim(flat[1], split[1])):
-        return Reason(f"the head merge {split} -> {flat} is not (B, S, H, Ev) -> (B, S, H·Ev)")
-    return reshape
+    if split is None or len(split) != 4 or not (isinstance(split[2], int) and isinstance(split[3], int)):
+        return Reason("the shape of the transposed output is unknown or not (B, S, H, Ev)")
+    if flat is not None and len(flat) == 3 and flat[2] == split[2] * split[3] \
+            and same_dim(flat[0], split[0]) and same_dim(flat[1], split[1]):
+        return reshape, False  # (B, S, H, Ev) -> (B, S, H·Ev): the 3-D output is already that
+    target = constant_array(reshape.inputs[1])
+    if target is None:
+        return Reason("the head merge reshapes to a shape computed at run time, not (B, S, H·Ev)")
+    if not attribute(reshape, "allowzero", 0) and any(size == 0 for size in target.tolist()[2:]):
+        return Reason(f"the head merge's shape {target.tolist()} copies a head dimension (0)")
+    return reshape, True
 
 
 def check(model: ir.Model, site: dict) -> Reason | None:
@@ -134,13 +144,21 @@ def replace(model: ir.Model, site: dict) -> None:
     attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", site["key_heads"])
     attention = ir.node("Attention", inputs, attributes=attributes)
     new_nodes, output = [attention], attention.outputs[0]
+    reshape: ir.Node = site["reshape"]
+    old = reshape.outputs[0]
     if site["guard_zero"] is not None:
         is_nan = ir.node("IsNaN", [output])
         where = ir.node("Where", [is_nan.outputs[0], site["guard_zero"], output])
         new_nodes += [is_nan, where]
         output = where.outputs[0]
-    reshape: ir.Node = site["reshape"]
-    old = reshape.outputs[0]
+    if site["keep_reshape"]:  # out_T = Reshape(out_BSD, shape_T): the same target, same order
+        heads_BSHEv = reshape.inputs[0].shape
+        shape_BSD = ir.Shape([heads_BSHEv[0], heads_BSHEv[1], heads_BSHEv[2] * heads_BSHEv[3]])
+        for value in {id(v): v for v in (attention.outputs[0], output)}.values():
+            value.type, value.shape = old.type, shape_BSD
+        flat = ir.node("Reshape", [output, reshape.inputs[1]], attributes=dict(reshape.attributes))
+        new_nodes.append(flat)
+        output = flat.outputs[0]
     output.type, output.shape = old.type, old.shape
     stamp(new_nodes, NAME, node)
     ir.convenience.replace_nodes_and_values(model.graph, reshape, [reshape], new_nodes,

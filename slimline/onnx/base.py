@@ -38,6 +38,7 @@ __all__ = [
     "consumers",
     "only_consumer",
     "scalar_constant",
+    "constant_array",
     "dims",
     "same_dim",
     "attribute",
@@ -136,7 +137,8 @@ def only_consumer(value: ir.Value) -> ir.Node | None:
     return users[0].node if len(users) == 1 else None
 
 
-def _constant_array(value: ir.Value | None) -> np.ndarray | None:
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array held by a constant (initializer or Constant node), else None."""
     if value is None:
         return None
     tensor = value.const_value
@@ -155,7 +157,7 @@ def _constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def scalar_constant(value: ir.Value | None) -> float | None:
     """The number held by a one-element constant (initializer or Constant node), else None."""
-    array = _constant_array(value)
+    array = constant_array(value)
     if array is None or array.size != 1 or array.dtype.kind not in "fiu":
         return None
     number = float(array.reshape(()))
