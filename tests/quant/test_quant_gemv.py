@@ -78,3 +78,93 @@ def test_candidates_fit_the_shape():
     configs = gemv_configs(2048, 5632, 4, "bytes", 128)
     assert configs and len(configs) <= 12
     assert all(c.block_k * c.split_k <= 5632 and c.block_n * c.block_k <= 16384 for c in configs)
+
+
+# -- the tiled decode kernel (tiled_gemv) -------------------------------------------------------------
+
+from slimline.backends.cuda import quant_gemv as qg  # noqa: E402
+
+
+def _tiled(bits, group, symmetric, out_features=32, in_features=600, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
+    quantized = quantize_rtn(weight, QuantScheme(bits, group, symmetric))
+    tiled = qg.tile_weight(quantized)
+    moved = qg.TiledWeight(tiled.words.to(DEVICE), tiled.scales.to(DEVICE),
+                           None if tiled.zeros is None else tiled.zeros.to(DEVICE), bits, tiled.group, in_features)
+    return quantized, moved
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_tiled_layout_round_trips_and_keeps_bits_per_code(bits):
+    codes = torch.randint(0, 1 << bits, (5, 600), generator=torch.Generator().manual_seed(bits))
+    words = qg.pack_tiles(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (bits, 5, qg.tile_padded(600) // 32)
+    assert torch.equal(qg.unpack_tiles(words, bits, 600), codes)
+    # slot m of column w of a tile is code m·C + w: column 0 of tile 0 holds codes 0, C, 2C, ...
+    columns = qg.TILE_CODES // 32
+    single = torch.zeros(1, 600, dtype=torch.int64)
+    single[0, columns] = 1  # code C: slot 1 of column 0
+    words = qg.pack_tiles(single, bits)
+    expected = 1 << (3 if bits == 3 else bits)  # slot 1 sits right after slot 0 in word 0
+    assert int(words[0, 0, 0]) == expected and int(words.abs().sum()) == expected
+
+
+@pytest.mark.parametrize("bits,group,symmetric,config", [
+    (4, 128, False, qg.TiledConfig(16, 2)),
+    (3, 128, False, qg.TiledConfig(8, 1)),
+    (2, 64, True, qg.TiledConfig(32, 2)),
+    (8, None, True, qg.TiledConfig(16, 2)),
+    (4, 32, True, qg.TiledConfig(64, 4)),  # one program larger than N: masked rows
+])
+def test_tiled_gemv_matches_the_dequantized_product(bits, group, symmetric, config):
+    quantized, weight = _tiled(bits, group, symmetric)
+    x = torch.randn(600, device=DEVICE)
+    out = torch.full((32,), float("nan"), device=DEVICE)
+    qg.tiled_gemv(x, weight, out, config=config)
+    expected = quantized.dequantize().to(DEVICE) @ x  # the scheme's own dequantization
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_gemv_sees_a_wrong_code():
+    quantized, weight = _tiled(4, 128, False)
+    weight.words[1, 3, 2] ^= 1 << 5  # one bit of one code of row 3
+    x = torch.randn(600, device=DEVICE)
+    out = torch.empty(32, device=DEVICE)
+    qg.tiled_gemv(x, weight, out)
+    error = (out - quantized.dequantize().to(DEVICE) @ x).abs()
+    assert error[3] > 1e-4 and torch.all(error[torch.arange(32) != 3] < 1e-4)
+
+
+@pytest.mark.parametrize("norm,act,residual", [
+    (qg.NORM_RMS, qg.ACT_SILU_PAIR, False),
+    (qg.NORM_LAYER, qg.ACT_GELU, False),
+    (qg.NORM_NONE, qg.ACT_NONE, True),
+])
+def test_tiled_gemv_fusions_match_the_reference(norm, act, residual):
+    _, weight = _tiled(4, 128, False, out_features=24)
+    generator = torch.Generator().manual_seed(1)
+    if norm == qg.NORM_LAYER:
+        weight.rowsum = weight.dequantize().sum(1).contiguous()
+        weight.bias = torch.randn(24, generator=generator).to(DEVICE)
+    x = (torch.randn(600, generator=generator) + 0.5).to(DEVICE)
+    rows = 12 if act == qg.ACT_SILU_PAIR else 24
+    r = torch.randn(rows, generator=generator).to(DEVICE) if residual else None
+    expected = qg.reference_gemv(x, weight, norm=norm, eps=1e-5, act=act, residual=r)
+    out = r if residual else torch.full((rows,), float("nan"), device=DEVICE)  # the residual updated in place
+    qg.tiled_gemv(x, weight, out, norm=norm, eps=1e-5, act=act, residual=r, config=qg.TiledConfig(8, 1))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_refusals():
+    with pytest.raises(SlimlineError, match="2, 3, 4 or 8"):
+        qg.pack_tiles(torch.zeros(2, 64, dtype=torch.int64), 5)
+    quantized = quantize_rtn(torch.randn(8, 600), QuantScheme(4, 48, False))
+    with pytest.raises(SlimlineError, match="line up"):
+        qg.tile_weight(quantized)
+    _, weight = _tiled(4, 128, False, out_features=8)
+    with pytest.raises(SlimlineError, match="even block_n"):
+        qg.tiled_gemv(torch.randn(600, device=DEVICE), weight, torch.empty(4, device=DEVICE),
+                      act=qg.ACT_SILU_PAIR, config=qg.TiledConfig(7, 1))
+    with pytest.raises(SlimlineError, match="row sums"):
+        qg.tiled_gemv(torch.randn(600, device=DEVICE), weight, torch.empty(8, device=DEVICE), norm=qg.NORM_LAYER)

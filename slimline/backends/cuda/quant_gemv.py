@@ -34,7 +34,11 @@ import triton.language as tl
 
 from slimline.errors import ConfigError
 
-__all__ = ["GemvConfig", "quant_gemv", "gemv_configs", "supports", "GEMV_MAX_ROWS"]
+__all__ = ["GemvConfig", "quant_gemv", "gemv_configs", "supports", "GEMV_MAX_ROWS",
+           # the tiled decode kernel
+           "TiledConfig", "TiledWeight", "TILED_CANDIDATES", "DEFAULT_TILED", "TILE_CODES", "TILE_BITS",
+           "pack_tiles", "unpack_tiles", "tile_weight", "tiled_gemv", "reference_gemv", "NORM_NONE", "NORM_RMS",
+           "NORM_LAYER", "ACT_NONE", "ACT_SILU_PAIR", "ACT_GELU"]
 
 GEMV_MAX_ROWS = 16  # each row of x re-reads the weights (from L2 when rows run together)
 
@@ -597,3 +601,25 @@ def tiled_gemv(x: torch.Tensor, weight: TiledWeight, out: torch.Tensor, *, norm:
         EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n, USE_PDL=pdl, num_warps=config.num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+def reference_gemv(x: torch.Tensor, weight: TiledWeight, *, norm: int = NORM_NONE, eps: float = 1e-6,
+                   act: int = ACT_NONE, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`tiled_gemv` computes, in float32 torch from the dequantized weight (for checks)."""
+    xf = x.float()
+    y = weight.dequantize() @ xf  # (N,)
+    if norm == NORM_RMS:
+        y = y * torch.rsqrt(xf.pow(2).mean() + eps)
+    elif norm == NORM_LAYER:
+        mean = xf.mean()
+        y = (y - mean * weight.rowsum) * torch.rsqrt(xf.var(unbiased=False) + eps)
+    if weight.bias is not None:
+        y = y + weight.bias
+    if act == ACT_SILU_PAIR:
+        gate, up = y[0::2], y[1::2]
+        y = torch.nn.functional.silu(gate) * up
+    elif act == ACT_GELU:
+        y = torch.nn.functional.gelu(y)
+    if residual is not None:
+        y = y + residual.float()
+    return y
