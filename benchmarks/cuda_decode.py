@@ -15,6 +15,9 @@ block time / steps; median and spread over blocks):
                      (time for 1 + N tokens − time for 1 token) / N (Llama only)
     slimline         slimline.backends.cuda.StaticDecoder: fused private weights, fused Triton
                      GEMV / attention kernels, one CUDA graph per token (exact rewrites only)
+    slimline lowrank F   the same decoder with every layer matrix a truncated-SVD pair (StaticDecoder
+                         rank_fraction=), all Linear parameters at F of dense (head dense); checked
+                         against its own torch form on the same tokens (it is a different model)
 
 The roofline is the weight bytes a step must read (every matrix once) over the copy bandwidth
 measured here (device-to-device copy, bytes read + written). Prefill: eager, torch.compile and
@@ -30,7 +33,10 @@ logits within twice the measured logit noise).
     PYTHONPATH=. python benchmarks/cuda_decode.py --out $OUT/cuda_decode.json
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/cuda_decode.py --smoke --out /tmp/smoke.json   # CPU, tiny
 
-The JSON is rewritten after every stage; --budget-s skips the remaining optional stages (recorded).
+The JSON is rewritten after every stage; --budget-s skips the remaining optional stages (recorded):
+transformers' generate, prefill, further models. The low-rank variant (--lowrank, the fraction of
+all Linear parameters, head included; the head stays dense, so the layers' matrices go lower) and
+compile+graph always run. Each slimline variant's step is also profiled per launch family.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_prune_gpu import build_model  # noqa: E402  (the ~1B Llama-shaped decoder, reused)
 
-from slimline.backends.cuda.decoder import StaticDecoder  # noqa: E402
+from slimline.backends.cuda.decoder import StaticDecoder, fuse_weights  # noqa: E402
 
 RESULTS: dict = {}
 STARTED = time.perf_counter()
@@ -346,7 +352,7 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
     except Exception as error:  # noqa: BLE001
         record_error(row["decode"], "slimline", error)
     save(args.out)
-    if "median" in row["decode"].get("slimline", {}) and decoder.pdl:
+    if "median" in row["decode"].get("slimline", {}) and decoder.pdl and args.pdl_ablation:
         try:  # the same kernels without programmatic dependent launch: same numbers, and its time
             with_pdl = decode_trace(decoder, prompt, 32)
             decoder.set_pdl(False)
@@ -362,6 +368,26 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
             record_error(row["decode"], "slimline (no PDL)", error)
         save(args.out)
 
+    if "median" in row["decode"].get("slimline", {}):
+        try:  # where one step's time goes: each launch family replayed alone, the chosen configs
+            decoder.prefill(prompt)
+            row["profile_ms"] = {"slimline": decoder.profile() if device.type == "cuda" else None}
+            trace_steps = min(32, args.check_tokens)
+            first, second = decode_trace(decoder, prompt, trace_steps), decode_trace(decoder, prompt, trace_steps)
+            row["checks"]["two replays of the same steps are bit-identical"] = {
+                "passed": bool(torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])),
+                "steps": trace_steps}
+        except Exception as error:  # noqa: BLE001
+            record_error(row, "profile", error)
+        save(args.out)
+
+    if args.lowrank:  # not subject to --budget-s: a measured variant of the acceptance, like compile+graph
+        run_lowrank(name, model, prompt, args, device, row)
+        save(args.out)
+    del decoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
     try:
         eager = make_step(family, model, prompt, args.max_length)
         row["decode"]["eager"] = timed_blocks(eager, min(steps, 32), min(block, 8), device)
@@ -370,7 +396,7 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
         record_error(row["decode"], "eager", error)
     save(args.out)
 
-    if args.compile_mode != "off" and not over_budget(args, f"{name} compile"):
+    if args.compile_mode != "off":  # the anchor: never skipped for time
         try:
             compiled = make_step(family, model, prompt, args.max_length)
             compiled.forward = torch.compile(compiled.forward, mode=args.compile_mode, dynamic=False)
@@ -388,7 +414,7 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
             record_error(row["decode"], "compile+graph", error)
         save(args.out)
 
-    if family == "llama" and not over_budget(args, f"{name} hf_generate"):
+    if family == "llama" and args.hf_generate and not over_budget(args, f"{name} hf_generate"):
         try:
             row["decode"]["hf_generate"] = hf_generate(model, prompt, steps, device, args)
         except Exception as error:  # noqa: BLE001
@@ -396,11 +422,70 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
         save(args.out)
 
     if not over_budget(args, f"{name} prefill"):
-        run_prefill(family, model, decoder if "median" in row["decode"].get("slimline", {}) else None, vocab, args,
-                    device, row)
+        run_prefill(family, model, fuse_weights(model, args.max_length)
+                    if "median" in row["decode"].get("slimline", {}) else None, vocab, args, device, row)
     ratios(row)
     save(args.out)
     del model
+
+
+def lowrank_fraction(model_parameters: dict, target: float) -> float:
+    """The per-matrix fraction for the layers so that all Linear parameters (the dense head included)
+    come to ``target`` of the dense count."""
+    layers, head = model_parameters["layers"], model_parameters["head"]
+    return (target * (layers + head) - head) / layers
+
+
+@torch.no_grad()
+def run_lowrank(name: str, model, prompt: torch.Tensor, args, device: torch.device, row: dict) -> None:
+    """slimline's decoder in low-rank mode at --lowrank of the Linear parameters: built, checked against its
+    own torch form (the same factors, teacher-forced), timed beside the dense decoder."""
+    label = f"slimline lowrank {args.lowrank:.0%}"
+    try:
+        dense_params = fuse_weights(model, args.max_length).linear_params()
+        fraction = lowrank_fraction(dense_params, args.lowrank)
+        started = time.perf_counter()
+        decoder = StaticDecoder(model, args.max_length, tune=device.type == "cuda", rank_fraction=fraction)
+        row["lowrank_build_s"] = time.perf_counter() - started
+        report = decoder.report["lowrank"]
+        row["lowrank"] = {"target_linear_fraction": args.lowrank, "per_matrix_fraction_asked": fraction,
+                          "linear_fraction_reached": report["fraction_with_head"],
+                          "layers_fraction_reached": report["fraction_layers"], "families": report["families"],
+                          "linear_params_dense": report["linear_params_before"],
+                          "linear_params_lowrank": report["linear_params_after"],
+                          "weight_bytes": decoder.weights.weight_bytes(), "build_s": row["lowrank_build_s"]}
+        if row.get("roofline_ms_per_token") and row.get("weight_bytes"):
+            row["lowrank"]["roofline_ms_per_token"] = (row["roofline_ms_per_token"] * decoder.weights.weight_bytes()
+                                                       / row["weight_bytes"])
+        # its decode against its own prefill form on the same tokens (the factors are the model here)
+        P, steps = prompt.shape[1], args.lowrank_check_tokens
+        decoder.prefill(prompt)
+        ours, reference = [], []
+        for _ in range(steps):
+            decoder.replay()
+            ours.append(decoder.logits.float().clone())
+        tokens = decoder.history[: P + steps + 1].clone()
+        for i in range(steps):
+            reference.append(decoder.weights(tokens[None, : P + i + 1])[0][0].float())
+        ours, reference = torch.stack(ours), torch.stack(reference)
+        chosen = tokens[P + 1: P + steps + 1]
+        gaps = reference.max(-1).values - reference.gather(-1, chosen[:, None])[:, 0]
+        noise = float((ours - reference).abs().max())
+        row["checks"][f"{label} decode vs its torch form"] = {
+            "passed": bool(relative_error(ours, reference) < 3e-2 and float(gaps.max()) <= 2 * noise + 1e-6),
+            "steps": steps, "logits_relative_error": relative_error(ours, reference), "max_abs_difference": noise,
+            "argmax_agreement": float((reference.argmax(-1) == chosen).float().mean()),
+            "largest_gap_where_they_differ": float(gaps.max())}
+        decoder.prefill(prompt)
+        decoder.replay()
+        row["decode"][label] = timed_blocks(decoder.replay, args.new_tokens, args.block, device)
+        decoder.prefill(prompt)
+        if device.type == "cuda":
+            row.setdefault("profile_ms", {})[label] = decoder.profile()
+        row["lowrank"]["report"] = {k: v for k, v in decoder.report.items() if k != "lowrank"}
+        del decoder
+    except Exception as error:  # noqa: BLE001
+        record_error(row["decode"], label, error)
 
 
 @torch.no_grad()
@@ -422,7 +507,7 @@ def hf_generate(model, prompt, steps: int, device, args) -> dict:
 
 
 @torch.no_grad()
-def run_prefill(family, model, decoder, vocab, args, device, row) -> None:
+def run_prefill(family, model, weights, vocab, args, device, row) -> None:
     generator = torch.Generator(device=device).manual_seed(5)
     batch = torch.randint(0, vocab, (args.prefill_batch, args.prefill_length), device=device, generator=generator)
     if family == "llama":
@@ -435,8 +520,7 @@ def run_prefill(family, model, decoder, vocab, args, device, row) -> None:
     reference = model_prefill(batch).float()
     if args.prefill_compile_mode != "off":
         variants["compile"] = torch.compile(model_prefill, mode=args.prefill_compile_mode, dynamic=False)
-    if decoder is not None:
-        weights = decoder.weights
+    if weights is not None:
         slim = torch.compile(weights, mode=args.prefill_compile_mode, dynamic=False) \
             if args.prefill_compile_mode != "off" else weights
         variants["slimline"] = lambda idx: slim(idx)[0]
@@ -465,6 +549,9 @@ def ratios(row: dict) -> None:
                 timing["fraction_of_roofline"] = roofline / timing["median"]
             if slim and name != "slimline":
                 row["ratios"][f"slimline / {name}"] = slim / timing["median"]
+    for name, timing in decode.items():
+        if name.startswith("slimline lowrank") and "median" in timing and slim:
+            row["ratios"][f"speedup {name} over dense slimline"] = slim / timing["median"]
     prefill = row["prefill"]
     if "median" in prefill.get("slimline", {}):
         for name in ("eager", "compile"):
@@ -493,6 +580,15 @@ def table() -> str:
                 continue
             lines.append(f"  prefill {variant:<8} {timing['median']:9.3f} ms (rel. err. vs eager "
                          f"{timing.get('logits_relative_error_vs_eager', float('nan')):.2e})")
+        if "lowrank" in row:
+            low = row["lowrank"]
+            lines.append(f"  lowrank: Linear params {low['linear_fraction_reached']:.1%} of dense (head included; "
+                         f"layers {low['layers_fraction_reached']:.1%}), ranks "
+                         + ", ".join(f"{k} {v['rank']}" for k, v in low["families"].items())
+                         + f"; speedup over dense {row['ratios'].get(next((k for k in row['ratios'] if k.startswith('speedup')), ''), float('nan')):.3f}")
+        for variant, profile in (row.get("profile_ms") or {}).items():
+            if profile:
+                lines.append(f"  profile {variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in profile.items()))
         for label, check in row["checks"].items():
             lines.append(f"  {'PASS' if check.get('passed') else 'FAIL'} {label}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items() if k != "passed"))
@@ -515,10 +611,18 @@ def main() -> int:
     parser.add_argument("--prefill-length", type=int, default=512)
     parser.add_argument("--prefill-reps", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=420, help="skip optional stages after this")
+    parser.add_argument("--lowrank", type=float, default=0.5,
+                        help="Linear-parameter fraction of the low-rank variant (head included; 0: none)")
+    parser.add_argument("--lowrank-check-tokens", type=int, default=24)
+    parser.add_argument("--pdl-ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time slimline without programmatic dependent launch")
+    parser.add_argument("--hf-generate", action=argparse.BooleanOptionalAction, default=True,
+                        help="time transformers' static-cache generate (Llama)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, seconds, CPU or GPU")
     args = parser.parse_args()
     if args.smoke:
         args.context, args.new_tokens, args.block, args.check_tokens = 16, 4, 2, 6
+        args.lowrank_check_tokens = 3
         args.prefill_batch, args.prefill_length, args.prefill_reps = 2, 16, 2
         if not torch.cuda.is_available():
             args.compile_mode = args.prefill_compile_mode = "off"

@@ -101,6 +101,8 @@ GEMV_CANDIDATES = (
 )
 # For thin products (a low-rank factor: few rows, or a short K): slices that waste less on masks.
 GEMV_CANDIDATES_THIN = (
+    GemvConfig(2, 2048, 4),
+    GemvConfig(4, 2048, 8),
     GemvConfig(2, 1024, 4),
     GemvConfig(4, 1024, 4),
     GemvConfig(4, 512, 4),

@@ -197,10 +197,10 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 def rank_for(shape: tuple[int, int], fraction: float) -> int:
     """The largest rank whose two factors hold at most ``fraction`` of an (N, K) matrix's parameters,
-    rounded down to a multiple of 64 (of 8 below 256) so that factor rows stay aligned."""
+    rounded down to a multiple of 32 (of 8 below 256) so that factor rows stay aligned."""
     N, K = shape
     rank = int(fraction * N * K / (N + K))
-    step = 64 if rank >= 256 else 8 if rank >= 16 else 1
+    step = 32 if rank >= 256 else 8 if rank >= 16 else 1
     return max(1, min(N, K, rank // step * step))
 
 
