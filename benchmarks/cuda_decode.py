@@ -479,13 +479,16 @@ def run_lowrank(name: str, model, prompt: torch.Tensor, args, device: torch.devi
         decoder.prefill(prompt)
         decoder.replay()
         row["decode"][label] = timed_blocks(decoder.replay, args.new_tokens, args.block, device)
+    except Exception as error:  # noqa: BLE001
+        record_error(row["decode"], label, error)
+        return
+    try:
         decoder.prefill(prompt)
         if device.type == "cuda":
             row.setdefault("profile_ms", {})[label] = decoder.profile()
-        row["lowrank"]["report"] = {k: v for k, v in decoder.report.items() if k != "lowrank"}
-        del decoder
     except Exception as error:  # noqa: BLE001
-        record_error(row["decode"], label, error)
+        record_error(row, f"profile {label}", error)
+    row["lowrank"]["report"] = {k: v for k, v in decoder.report.items() if k != "lowrank"}
 
 
 @torch.no_grad()
