@@ -381,20 +381,17 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
             record_error(row, "profile", error)
         save(args.out)
 
-    if args.lowrank:  # not subject to --budget-s: a measured variant of the acceptance, like compile+graph
-        run_lowrank(name, model, prompt, args, device, row)
-        save(args.out)
     del decoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    try:
-        eager = make_step(family, model, prompt, args.max_length)
-        row["decode"]["eager"] = timed_blocks(eager, min(steps, 32), min(block, 8), device)
-        del eager
-    except Exception as error:  # noqa: BLE001
-        record_error(row["decode"], "eager", error)
-    save(args.out)
+
+    if args.lowrank:  # not subject to --budget-s: a measured variant of the acceptance, like compile+graph
+        run_lowrank(name, model, prompt, args, device, row)
+        ratios(row)
+        save(args.out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     if args.compile_mode != "off":  # the anchor: never skipped for time
         try:
@@ -409,10 +406,19 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
             if device.type == "cuda":
                 replay = capture_graph(compiled, device)
                 row["decode"]["compile+graph"] = timed_blocks(replay, steps, block, device)
+            ratios(row)
             del compiled
         except Exception as error:  # noqa: BLE001
             record_error(row["decode"], "compile+graph", error)
         save(args.out)
+
+    try:
+        eager = make_step(family, model, prompt, args.max_length)
+        row["decode"]["eager"] = timed_blocks(eager, min(steps, 32), min(block, 8), device)
+        del eager
+    except Exception as error:  # noqa: BLE001
+        record_error(row["decode"], "eager", error)
+    save(args.out)
 
     if family == "llama" and args.hf_generate and not over_budget(args, f"{name} hf_generate"):
         try:

@@ -92,23 +92,18 @@ GEMV_CANDIDATES = (
     GemvConfig(4, 1024, 4),
     GemvConfig(4, 2048, 8),
     GemvConfig(8, 512, 4),
-    GemvConfig(8, 1024, 8),
-    GemvConfig(16, 512, 8),
     GemvConfig(2, 1024, 4),
     GemvConfig(4, 512, 4),
     GemvConfig(8, 256, 4),
-    GemvConfig(16, 256, 8),
 )
 # For thin products (a low-rank factor: few rows, or a short K): slices that waste less on masks.
 GEMV_CANDIDATES_THIN = (
     GemvConfig(2, 2048, 4),
-    GemvConfig(4, 2048, 8),
     GemvConfig(2, 1024, 4),
     GemvConfig(4, 1024, 4),
     GemvConfig(4, 512, 4),
     GemvConfig(8, 256, 4),
     GemvConfig(8, 512, 4),
-    GemvConfig(16, 256, 8),
 )
 DEFAULT_GEMV = GemvConfig(8, 512, 4)
 
