@@ -60,14 +60,21 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | N
 @torch.no_grad()
 def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             kv_prune: Any = None, return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
+             kv_prune: Any = None, return_stats: bool = False,
+             cuda_graph: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
     """Extend input_ids (B, P) by max_new_tokens tokens; returns (B, P + max_new_tokens).
 
     ``greedy`` takes the argmax; otherwise samples from softmax(logits / temperature), restricted
     to the ``top_k`` most likely tokens if given, drawing from ``generator`` (on the model's
-    device). ``return_stats`` also returns the session's counters.
+    device). ``return_stats`` also returns the session's counters. ``cuda_graph`` (greedy only, a
+    cache of one size: ``kv_prune=None`` or an int budget) runs each decode step, eviction included,
+    as one CUDA graph replay on a GPU (:class:`slimline.kv.graphed.FixedSizeDecoder`; eagerly
+    elsewhere, with the same results).
     """
     _check(input_ids, max_new_tokens, temperature, top_k)
+    if cuda_graph and not greedy:
+        raise ConfigError("cuda_graph=True decodes greedily (the argmax is fed back inside the graph)",
+                          stage="generate", where="generate(cuda_graph=...)", hint="greedy=True, or cuda_graph=False")
     # the last token is produced but never fed back: max_new_tokens - 1 decode steps
     session = DecodeSession(model, kv_prune, steps=max(0, max_new_tokens - 1))
     if max_new_tokens == 0:
@@ -75,6 +82,12 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, *, greedy
         return (input_ids, {}) if return_stats else input_ids
     input_ids = input_ids.to(session.adapter.device)
     next_token = _pick(session.prefill(input_ids), greedy, temperature, top_k, generator)
+    if cuda_graph:
+        from slimline.kv.graphed import FixedSizeDecoder
+
+        rest = FixedSizeDecoder(session).greedy(next_token, max_new_tokens - 1)
+        output = torch.cat([input_ids, next_token, rest], dim=1)
+        return (output, session.stats) if return_stats else output
     tokens = [input_ids, next_token]
     for _ in range(max_new_tokens - 1):
         next_token = _pick(session.step(next_token), greedy, temperature, top_k, generator)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimline.errors import ConfigError, InputError
+from slimline.errors import ConfigError, InputError, SlimlineError
 from slimline.generate import generate
 from slimline.kv import DecodeSession
 from slimline.models.gpt import generate as reference_generate
@@ -56,6 +56,22 @@ def test_pruned_generation_uses_a_smaller_cache(gpt, prompt):
     assert tokens.shape == (2, prompt.shape[1] + 40)
     assert stats["policy"] == "keyformer" and stats["evicted_at_prompt"] == prompt.shape[1] // 2
     assert stats["kv_cache_bytes"] < 0.52 * stats["full_kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("kv_prune", [None, 1.0, {"policy": "h2o", "budget": 20}, {"budget": 20}])
+def test_cuda_graph_generation_gives_the_same_tokens(gpt, prompt, kv_prune):
+    """Off CUDA the graphed decoder runs its step eagerly: the same tokens as the plain loop."""
+    expected, expected_stats = generate(gpt, prompt, 24, kv_prune=kv_prune, return_stats=True)
+    tokens, stats = generate(gpt, prompt, 24, kv_prune=kv_prune, return_stats=True, cuda_graph=True)
+    assert torch.equal(tokens, expected)
+    assert stats["evictions"] == expected_stats["evictions"] and stats["steps"] == 23
+
+
+def test_cuda_graph_generation_refuses_sampling_and_a_growing_cache(gpt, prompt):
+    with pytest.raises(SlimlineError, match="greedily"):
+        generate(gpt, prompt, 8, greedy=False, cuda_graph=True)
+    with pytest.raises(SlimlineError, match="an int budget"):
+        generate(gpt, prompt, 8, kv_prune=0.5, cuda_graph=True)
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(gpt, prompt):

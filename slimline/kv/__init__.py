@@ -8,6 +8,7 @@
     attention.py   hand-written prefill (chunked, observed) and decode attention
     decoders.py    adapters for slimline's GPT and transformers Llama/Mistral/Qwen2; CompactDecodeStep
     session.py     DecodeSession: prefill, step, evict — what slimline.generate drives
+    graphed.py     FixedSizeDecoder: a one-size cache's whole step (eviction included) as one CUDA graph
 
 The contract (budgets, windows, where the policy lives) is in :mod:`slimline.passes.kv_prune`.
 """
