@@ -343,12 +343,13 @@ def run_model(name: str, args, device: torch.device, bandwidth: float | None) ->
         row["weight_bytes"] = decoder.weights.weight_bytes()
         if bandwidth:
             row["roofline_ms_per_token"] = row["weight_bytes"] / bandwidth * 1e3
-        row["checks"]["slimline vs the model"] = check_decoder(family, model, decoder, prompt, args.check_tokens,
-                                                               device)
         decoder.prefill(prompt)
         decoder.replay()  # captured before timing
         row["decode"]["slimline"] = timed_blocks(decoder.replay, steps, block, device)
         row["slimline_report"] = dict(decoder.report)
+        save(args.out)
+        row["checks"]["slimline vs the model"] = check_decoder(family, model, decoder, prompt, args.check_tokens,
+                                                               device)
     except Exception as error:  # noqa: BLE001
         record_error(row["decode"], "slimline", error)
     save(args.out)
