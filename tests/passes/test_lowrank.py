@@ -213,6 +213,31 @@ def test_recovery_reduces_feature_mse():
     assert not any(t.requires_grad for t in result.graph.module.buffers())
 
 
+@pytest.mark.parametrize("loss", ["output", "both"])
+def test_recovery_on_the_model_output_brings_the_output_closer(loss):
+    model, inputs = Stack(), _correlated_inputs(4)
+    graph, samples, references = _prepared(model, inputs)
+
+    def output_error(recover):
+        config = lowrank.Config(rank="param_reduction", allocation="uniform", method="svd",
+                                param_reduction=0.6, recover=recover, recover_loss=loss, recover_lr=0.1)
+        result = lowrank.run(graph.copy(), config, _context(samples, references))
+        with torch.no_grad():
+            errors = [float((result.graph.run(args, kwargs) - reference).pow(2).mean() / reference.pow(2).mean())
+                      for (args, kwargs), reference in zip(samples, references)]
+        return sum(errors) / len(errors), result
+
+    untrained, _ = output_error(0)
+    trained, result = output_error(30)
+    stats = result.stats
+    assert stats["recover_reverted"] == 0
+    assert stats["recover_output_loss_before"] == pytest.approx(untrained, rel=1e-3)
+    assert stats["recover_output_loss_after"] == pytest.approx(trained, rel=1e-3)
+    assert trained < 0.8 * untrained
+    assert (stats["recover_layer_loss_before"] > 0) == (loss == "both")
+    assert not any(t.requires_grad for t in result.graph.module.buffers())
+
+
 def test_factorised_model_exports_two_matmuls_and_matches_in_onnxruntime(tmp_path):
     onnx_export = pytest.importorskip("slimline.backends.onnx_export")
     model, inputs = Stack(), _correlated_inputs(2)
@@ -237,3 +262,5 @@ def test_bad_config_is_refused_with_a_hint():
     graph, samples, references = _prepared(model, inputs)
     with pytest.raises(slimline.SlimlineError, match="unknown lowrank method"):
         lowrank.run(graph.copy(), lowrank.Config(method="qr"), _context(samples, references))
+    with pytest.raises(slimline.SlimlineError, match="unknown lowrank recover_loss"):
+        lowrank.run(graph.copy(), lowrank.Config(recover_loss="kl"), _context(samples, references))
