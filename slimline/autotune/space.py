@@ -369,8 +369,9 @@ class MonarchMatmul(KernelFamily):
 
     def kernel_hash(self) -> str:
         from slimline.backends.cuda import monarch_kernel as mk
-        return source_hash(mk._splitk_kernel, mk._phased_kernel, mk._stage_hidden_kernel,
-                           mk._stage_output_kernel, mk.MonarchKernel.__call__, mk._constants)
+        # the whole module: its variants (split-K, phased, staged, rows) and their jit helpers
+        # change together, and a kernel left out of a list would keep stale picks alive
+        return source_hash(mk)
 
     def problem_key(self, problem):
         s = self._shape(problem)

@@ -170,8 +170,7 @@ def test_cache_mode_uses_the_shipped_h200_defaults_without_a_gpu(monkeypatch, tm
     monkeypatch.setenv("SLIMLINE_CACHE_DIR", str(tmp_path))          # an empty user cache
     instances = [KernelInstance("lm_head decode int4", Problem.make("quant_matmul", M=1, N=32000, K=2048, bits=4,
                                                                      group=128, dtype="bf16")),
-                 KernelInstance("o prefill monarch", Problem.make("monarch_matmul", M=4096, N=2048, K=2048,
-                                                                  nblocks=4, dtype="bf16"))]
+                 KernelInstance("o decode dense", Problem.make("dense_matmul", M=1, N=2048, K=2048, dtype="bf16"))]
     records = tune(instances, "cache", limits=H200)
     assert [r.source for r in records] == ["defaults", "defaults"] and all(r.cache_hit for r in records)
     assert records[0].config["impl"] == "triton" and records[0].winner_ms > 0
