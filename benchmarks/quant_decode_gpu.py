@@ -222,7 +222,7 @@ def random_tiled(n: int, k: int, bits: int, group: int | None, symmetric: bool, 
 
 def compile_job(job: tuple) -> tuple[tuple, float, str]:
     """Build one specialization by launching it once (the pool's worker)."""
-    bits, group, symmetric, n, k, norm, act, block_n, warps = job
+    bits, group, symmetric, n, k, norm, act, block_n, warps, tiles = job
     start = time.perf_counter()
     try:
         device = torch.device("cuda")
@@ -232,7 +232,7 @@ def compile_job(job: tuple) -> tuple[tuple, float, str]:
         out = torch.zeros(rows_out, device=device, dtype=torch.bfloat16)
         residual = out if norm == qg.NORM_NONE else None  # o and down add the residual
         qg.tiled_gemv(x, weight, out, norm=norm, eps=1e-5, act=act, residual=residual,
-                      config=qg.TiledConfig(block_n, warps), pdl=True)
+                      config=qg.TiledConfig(block_n, warps, tiles), pdl=True)
         torch.cuda.synchronize()
         return job, time.perf_counter() - start, "ok"
     except Exception as error:  # noqa: BLE001 - reported by the parent
@@ -248,12 +248,14 @@ def compile_jobs(config, bits_list: list[int], candidates) -> list[tuple]:
             if family == "head":
                 continue
             for c in candidates:
-                jobs.append((bits, group, symmetric, n, k, norm, act, c.block_n, c.num_warps))
+                if c.tiles_per_program == 0 or qg.tile_count(k) % c.tiles_per_program == 0:
+                    jobs.append((bits, group, symmetric, n, k, norm, act, c.block_n, c.num_warps, c.tiles_per_program))
     n, k, norm, act = shapes["head"]
     for bits in sorted(set(bits_list) | {8}):
         group, symmetric = scheme_of(bits)
         for c in candidates:
-            jobs.append((bits, group, symmetric, n, k, norm, act, c.block_n, c.num_warps))
+            if c.tiles_per_program == 0 or qg.tile_count(k) % c.tiles_per_program == 0:
+                jobs.append((bits, group, symmetric, n, k, norm, act, c.block_n, c.num_warps, c.tiles_per_program))
     jobs.sort(key=lambda job: (-job[4], -job[0]))  # the long K first
     return jobs
 
@@ -346,6 +348,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=10, help="steps timed per variant per round")
     parser.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--no-bandwidth", action="store_true")
+    parser.add_argument("--build-wait-s", type=float, default=170.0, help="stop waiting for the pool after this")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="skip the optional parts after this")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -422,10 +426,11 @@ def main() -> int:
     save()
 
     if futures is not None:
-        builds = [f.result() for f in futures]
-        pool.shutdown()
+        concurrent.futures.wait(futures, timeout=max(1.0, args.build_wait_s - (time.perf_counter() - started)))
+        builds = [f.result() for f in futures if f.done()]
+        pool.shutdown(wait=False, cancel_futures=True)
         failed = [(job, status) for job, _, status in builds if status != "ok"]
-        result["kernel_builds"] = {"count": len(builds), "wall_s": time.perf_counter() - started,
+        result["kernel_builds"] = {"count": len(builds), "of": len(futures), "wall_s": time.perf_counter() - started,
                                    "cpu_s": sum(s for _, s, _ in builds), "failed": [str(f) for f in failed][:10]}
         mark(f"kernel builds done: {len(builds)}, {len(failed)} failed")
 
@@ -522,7 +527,7 @@ def main() -> int:
         table = result["gemv_bandwidth"] = {}
         for bits in bits_list:
             decoder = decoders.get(f"int{bits}")
-            if decoder is None:
+            if decoder is None or time.perf_counter() - started > args.budget_s:
                 continue
             for family in ("o", "qkv", "up", "down") + (("head",) if bits == 8 else ()):
                 try:
@@ -533,7 +538,7 @@ def main() -> int:
                     table[f"int{bits} {family}"] = {"error": traceback.format_exc()[-600:]}
             save()
         # the head at 4/3/2 bits (the decoders keep it int8): each candidate, the best kept
-        if "int8" in decoders:
+        if "int8" in decoders and time.perf_counter() - started < args.budget_s:
             decoder = decoders["int8"]
             n, k = decoder.head_quant.out_features, decoder.head_quant.in_features
             saved = decoder.head_quant
@@ -541,7 +546,7 @@ def main() -> int:
                 group, symmetric = scheme_of(bits)
                 decoder.head_quant = random_tiled(n, k, bits, group, symmetric, device)
                 best = None
-                for config in qg.TILED_CANDIDATES:
+                for config in [c for c in qg.TILED_CANDIDATES if qg.fits(decoder.head_quant, c)]:
                     try:
                         row = bandwidth_of(decoder, "head", config, device)
                     except Exception:  # noqa: BLE001

@@ -111,11 +111,11 @@ def test_tiled_layout_round_trips_and_keeps_bits_per_code(bits):
 
 
 @pytest.mark.parametrize("bits,group,symmetric,config", [
-    (4, 128, False, qg.TiledConfig(16, 2)),
-    (3, 128, False, qg.TiledConfig(8, 1)),
-    (2, 64, True, qg.TiledConfig(32, 2)),
-    (8, None, True, qg.TiledConfig(16, 2)),
-    (4, 32, True, qg.TiledConfig(64, 4)),  # one program larger than N: masked rows
+    (4, 128, False, qg.TiledConfig(16, 2, 1)),  # K split in 2 (one tile a program), fp32 atomics
+    (3, 128, False, qg.TiledConfig(8, 1, 1)),
+    (2, 64, True, qg.TiledConfig(32, 2, 0)),    # the whole K in one program
+    (8, None, True, qg.TiledConfig(16, 2, 1)),  # one group a row, split
+    (4, 32, True, qg.TiledConfig(64, 4, 2)),    # one program larger than N: masked rows; 2 tiles a program
 ])
 def test_tiled_gemv_matches_the_dequantized_product(bits, group, symmetric, config):
     quantized, weight = _tiled(bits, group, symmetric)
@@ -124,6 +124,10 @@ def test_tiled_gemv_matches_the_dequantized_product(bits, group, symmetric, conf
     qg.tiled_gemv(x, weight, out, config=config)
     expected = quantized.dequantize().to(DEVICE) @ x  # the scheme's own dequantization
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    if qg.splits_for(weight, config) > 1:  # the scratch is left zeroed for the next launch
+        assert not weight._partial.any() and not weight._count.any()
+        qg.tiled_gemv(x, weight, out, config=config)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_tiled_gemv_sees_a_wrong_code():
@@ -136,12 +140,12 @@ def test_tiled_gemv_sees_a_wrong_code():
     assert error[3] > 1e-4 and torch.all(error[torch.arange(32) != 3] < 1e-4)
 
 
-@pytest.mark.parametrize("norm,act,residual", [
-    (qg.NORM_RMS, qg.ACT_SILU_PAIR, False),
-    (qg.NORM_LAYER, qg.ACT_GELU, False),
-    (qg.NORM_NONE, qg.ACT_NONE, True),
+@pytest.mark.parametrize("norm,act,residual,tiles", [
+    (qg.NORM_RMS, qg.ACT_SILU_PAIR, False, 1),
+    (qg.NORM_LAYER, qg.ACT_GELU, False, 0),
+    (qg.NORM_NONE, qg.ACT_NONE, True, 1),
 ])
-def test_tiled_gemv_fusions_match_the_reference(norm, act, residual):
+def test_tiled_gemv_fusions_match_the_reference(norm, act, residual, tiles):
     _, weight = _tiled(4, 128, False, out_features=24)
     generator = torch.Generator().manual_seed(1)
     if norm == qg.NORM_LAYER:
@@ -152,7 +156,7 @@ def test_tiled_gemv_fusions_match_the_reference(norm, act, residual):
     r = torch.randn(rows, generator=generator).to(DEVICE) if residual else None
     expected = qg.reference_gemv(x, weight, norm=norm, eps=1e-5, act=act, residual=r)
     out = r if residual else torch.full((rows,), float("nan"), device=DEVICE)  # the residual updated in place
-    qg.tiled_gemv(x, weight, out, norm=norm, eps=1e-5, act=act, residual=r, config=qg.TiledConfig(8, 1))
+    qg.tiled_gemv(x, weight, out, norm=norm, eps=1e-5, act=act, residual=r, config=qg.TiledConfig(8, 1, tiles))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -218,7 +218,8 @@ class QuantStaticDecoder(StaticDecoder):
         sites = self._gemv_sites()
         for name, launches in sites.items():
             dense_head = name == "head" and self.head_quant is None
-            options = self.kernels.GEMV_CANDIDATES if dense_head else (candidates or qg.TILED_CANDIDATES)
+            options = self.kernels.GEMV_CANDIDATES if dense_head else [
+                c for c in (candidates or qg.TILED_CANDIDATES) if qg.fits(self.tiled_weights()[name][0], c)]
             timings[name] = {}
             for config in options:
                 def run_all(config=config, launches=launches):

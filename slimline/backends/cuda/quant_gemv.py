@@ -37,7 +37,7 @@ from slimline.errors import ConfigError
 __all__ = ["GemvConfig", "quant_gemv", "gemv_configs", "supports", "GEMV_MAX_ROWS",
            # the tiled decode kernel
            "TiledConfig", "TiledWeight", "TILED_CANDIDATES", "DEFAULT_TILED", "TILE_CODES", "TILE_BITS",
-           "pack_tiles", "unpack_tiles", "tile_weight", "tiled_gemv", "reference_gemv", "NORM_NONE", "NORM_RMS",
+           "pack_tiles", "unpack_tiles", "tile_weight", "tiled_gemv", "fits", "splits_for", "tile_count", "reference_gemv", "NORM_NONE", "NORM_RMS",
            "NORM_LAYER", "ACT_NONE", "ACT_SILU_PAIR", "ACT_GELU"]
 
 GEMV_MAX_ROWS = 16  # each row of x re-reads the weights (from L2 when rows run together)
@@ -228,19 +228,24 @@ class TiledConfig:
 
     block_n: int = 16
     num_warps: int = 2
+    tiles_per_program: int = 0  # K tiles a program reduces; 0: all of K (no split, no atomics)
 
     @property
     def label(self) -> str:
-        return f"tiled n{self.block_n}w{self.num_warps}"
+        return f"tiled n{self.block_n}w{self.num_warps}t{self.tiles_per_program}"
 
     def to_json(self) -> dict:
-        return {"block_n": self.block_n, "num_warps": self.num_warps}
+        return {"block_n": self.block_n, "num_warps": self.num_warps, "tiles_per_program": self.tiles_per_program}
 
 
-# The local candidate list (measured per weight family by QuantStaticDecoder.tune): from one row per
-# thread (small matrices need many programs) to two rows per thread (x loads shared by more rows).
-TILED_CANDIDATES = (TiledConfig(8, 1), TiledConfig(16, 2), TiledConfig(32, 2), TiledConfig(64, 4))
-DEFAULT_TILED = TiledConfig(16, 2)
+# The local candidate list (measured per weight family by QuantStaticDecoder.tune). The H200 probe of
+# 2026-11-29 (benchmarks/results/quant_gemv_tiled_probe.json) saw whole-K programs (t0) reach only
+# 6-43% of copy bandwidth: one 2-warp program per SM cannot keep enough loads in flight. Split-K
+# (one or two 512-code tiles a program, all its words loaded before PDL's wait) multiplies the
+# programs by the tiles and builds in a fraction of the time (a tile of code, not all of K, unrolled).
+TILED_CANDIDATES = (TiledConfig(16, 2, 1), TiledConfig(8, 1, 1), TiledConfig(32, 2, 1), TiledConfig(16, 4, 1),
+                    TiledConfig(16, 2, 2))
+DEFAULT_TILED = TiledConfig(16, 2, 1)
 
 
 def tile_padded(in_features: int, tile: int = TILE_CODES) -> int:
@@ -318,10 +323,21 @@ class TiledWeight:
     in_features: int
     rowsum: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    _partial: torch.Tensor | None = None  # split-K scratch: fp32 sums (N,), arrival counts (row blocks,)
+    _count: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
         return self.words.shape[1]
+
+    def scratch(self, row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed split-K scratch (kept zero by the kernel). Made on the first split launch, which
+        must come before a CUDA graph capture (the decoder's tuning and warm-up steps do)."""
+        if self._partial is None or self._count.numel() < row_blocks:
+            device = self.words.device
+            self._partial = torch.zeros(self.out_features, dtype=torch.float32, device=device)
+            self._count = torch.zeros(max(row_blocks, self.out_features // 8 + 1), dtype=torch.int32, device=device)
+        return self._partial, self._count
 
     def nbytes(self) -> int:
         """Bytes one product reads from memory: the words, the scales and the zero points."""
@@ -344,7 +360,7 @@ def tile_weight(quantized, *, rowsum: torch.Tensor | None = None, bias: torch.Te
     """A :class:`slimline.quant.scheme.QuantizedWeight` in the tiled layout."""
     group = quantized.group_size
     k = quantized.in_features
-    if group < k and (group % 32 or (group % TILE_CODES and TILE_CODES % group)):
+    if group < k and (group % 32 or TILE_CODES % group):
         raise ConfigError(f"groups of {group} codes do not line up with {TILE_CODES}-code tiles", stage="backend",
                           where="tile_weight", hint="use groups of 32, 64, 128, 256 or 512, or one group per row")
     words = pack_tiles(quantized.codes[:, :k], quantized.scheme.bits)
@@ -407,11 +423,11 @@ def _pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
 
 
 @triton.jit
-def _x_slot(x_ptr, t: tl.constexpr, m: tl.constexpr, offs_c, K: tl.constexpr, TILE: tl.constexpr,
-            C: tl.constexpr):
+def _x_slot(x_ptr, t, m: tl.constexpr, offs_c, K: tl.constexpr, TILE: tl.constexpr, C: tl.constexpr,
+            EVEN_K: tl.constexpr):
     """x at the codes of slot ``m`` of tile ``t``: C contiguous values, fp32 (0 past K)."""
-    start: tl.constexpr = t * TILE + m * C
-    if start + C <= K:
+    start = t * TILE + m * C
+    if EVEN_K:
         xm = tl.load(x_ptr + start + offs_c)
     else:
         xm = tl.load(x_ptr + start + offs_c, mask=start + offs_c < K, other=0.0)
@@ -419,69 +435,25 @@ def _x_slot(x_ptr, t: tl.constexpr, m: tl.constexpr, offs_c, K: tl.constexpr, TI
 
 
 @triton.jit
-def _group_end(acc, part, scales_ptr, offs_n, mask_n, t: tl.constexpr, m: tl.constexpr, G,
+def _group_end(acc, part, scales_ptr, offs_n, mask_n, t, m: tl.constexpr, G,
                TILE: tl.constexpr, C: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
-    """After slot m: if it closes a group, acc += a·part (a = scale·2^BITS) and part restarts."""
-    if (t * TILE + (m + 1) * C) % GROUP == 0:
-        g: tl.constexpr = (t * TILE + m * C) // GROUP
-        a = tl.load(scales_ptr + offs_n * G + g, mask=mask_n & (offs_n * 0 + g < G), other=0.0) * (1 << BITS)
-        acc += a[:, None] * part
-        part = tl.zeros_like(part)
+    """After slot m: if it closes a group (groups of at most a tile), acc += a·part (a = scale·2^BITS)
+    and part restarts. One group a row (GROUP > TILE) closes after the loop instead."""
+    if GROUP <= TILE:
+        if ((m + 1) * C) % GROUP == 0:
+            g = t * (TILE // GROUP) + (m * C) // GROUP
+            a = tl.load(scales_ptr + offs_n * G + g, mask=mask_n & (offs_n * 0 + g < G), other=0.0) * (1 << BITS)
+            acc += a[:, None] * part
+            part = tl.zeros_like(part)
     return acc, part
 
 
 @triton.jit
-def _tiled_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, res_ptr, rowsum_ptr, bias_ptr,
-                       N, G, plane_stride, eps,
-                       K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                       TILE: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                       NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    pid = tl.program_id(0)
-    if USE_PDL:
-        _gdc_launch_dependents()
-    C: tl.constexpr = TILE // 32
-    TILES: tl.constexpr = KP // TILE
-    PLANES: tl.constexpr = BITS
-    P: tl.constexpr = 10 if BITS == 3 else 32 // BITS  # regular slots per word
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_c = tl.arange(0, C)
-    offs_nc = offs_n[:, None].to(tl.int64) * (KP // 32) + offs_c[None, :]  # (BLOCK_N, C)
-    mask_nc = mask_n[:, None] & (offs_c < C)[None, :]
-    # before the wait: the first tile's words, every group's scale and zero (none depend on x)
-    p0 = _plane(words_ptr, offs_nc, mask_nc, 0, 0, plane_stride, C, EVEN_N)
-    p1 = p0
-    p2 = p0
-    p3 = p0
-    p4 = p0
-    p5 = p0
-    p6 = p0
-    p7 = p0
-    if PLANES > 1:
-        p1 = _plane(words_ptr, offs_nc, mask_nc, 1, 0, plane_stride, C, EVEN_N)
-    if PLANES > 2:
-        p2 = _plane(words_ptr, offs_nc, mask_nc, 2, 0, plane_stride, C, EVEN_N)
-    if PLANES > 3:
-        p3 = _plane(words_ptr, offs_nc, mask_nc, 3, 0, plane_stride, C, EVEN_N)
-    if PLANES > 4:
-        p4 = _plane(words_ptr, offs_nc, mask_nc, 4, 0, plane_stride, C, EVEN_N)
-        p5 = _plane(words_ptr, offs_nc, mask_nc, 5, 0, plane_stride, C, EVEN_N)
-        p6 = _plane(words_ptr, offs_nc, mask_nc, 6, 0, plane_stride, C, EVEN_N)
-        p7 = _plane(words_ptr, offs_nc, mask_nc, 7, 0, plane_stride, C, EVEN_N)
-    offs_g = tl.arange(0, BLOCK_G)
-    mask_ng = mask_n[:, None] & (offs_g < G)[None, :]
-    scales = tl.load(scales_ptr + offs_n[:, None] * G + offs_g[None, :], mask=mask_ng, other=0.0)  # (BLOCK_N, BLOCK_G)
-    if HAS_ZEROS:
-        zeros = tl.load(zeros_ptr + offs_n[:, None] * G + offs_g[None, :], mask=mask_ng, other=0).to(tl.float32)
-    else:
-        zeros = tl.full((BLOCK_N, BLOCK_G), 1 << (BITS - 1), tl.float32)
-    if USE_PDL:
-        _gdc_wait()  # x (and the residual) come from the previous kernel
-    # x's statistics and its sum per group, S (BLOCK_G,)
-    mean = 0.0
-    rstd = 1.0
-    if GROUP >= KP:  # one group per row: S is the sum of x
+def _epilogue(y, x_ptr, out_ptr, res_ptr, rowsum_ptr, bias_ptr, offs_n, mask_n, pid, N, eps,
+              K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = Q x (BLOCK_N,) -> the norm's scaling, bias, rounding, SiLU·up / GELU, residual, store."""
+    if NORM != 0:  # x's statistics over all of K
         total = tl.zeros((1024,), tl.float32)
         squares = tl.zeros((1024,), tl.float32)
         for k0 in tl.static_range(0, K, 1024):
@@ -489,55 +461,15 @@ def _tiled_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, res_ptr
             xk = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             total += xk
             squares += xk * xk
-        group_sums = tl.where(offs_g == 0, tl.sum(total, axis=0), 0.0)
         sum_x = tl.sum(total, axis=0)
         sum_squares = tl.sum(squares, axis=0)
-    else:
-        offs_in = tl.arange(0, GROUP)
-        index = offs_g[:, None] * GROUP + offs_in[None, :]  # (BLOCK_G, GROUP)
-        xg = tl.load(x_ptr + index, mask=index < K, other=0.0).to(tl.float32)
-        group_sums = tl.sum(xg, axis=1)
-        sum_x = tl.sum(group_sums, axis=0)
-        sum_squares = tl.sum(tl.sum(xg * xg, axis=1), axis=0)
-    if NORM == 1:
-        rstd = 1.0 / tl.sqrt(sum_squares / K + eps)
-    if NORM == 2:
-        mean = sum_x / K
-        rstd = 1.0 / tl.sqrt(tl.maximum(sum_squares / K - mean * mean, 0.0) + eps)
-    # Σ_g c·S_g, c = s·(2^b + z)
-    correction = tl.sum(scales * ((1 << BITS) + zeros) * group_sums[None, :], axis=1)  # (BLOCK_N,)
-    acc = tl.zeros((BLOCK_N, C), tl.float32)
-    part = tl.zeros((BLOCK_N, C), tl.float32)
-    for t in tl.static_range(TILES):
-        for i in tl.static_range(PLANES):
-            if t == 0:
-                w = _pick(i, p0, p1, p2, p3, p4, p5, p6, p7)
-            else:
-                w = _plane(words_ptr, offs_nc, mask_nc, i, t, plane_stride, C, EVEN_N)
-            for j in tl.static_range(P):
-                xm = _x_slot(x_ptr, t, i * P + j, offs_c, K, TILE, C)
-                part += _slot_value(w, j, BITS) * xm[None, :]
-                acc, part = _group_end(acc, part, scales_ptr, offs_n, mask_n, t, i * P + j, G, TILE, C, GROUP, BITS)
-        if BITS == 3:
-            if t == 0:
-                w0 = p0
-                w1 = p1
-                w2 = p2
-            else:
-                w0 = _plane(words_ptr, offs_nc, mask_nc, 0, t, plane_stride, C, EVEN_N)
-                w1 = _plane(words_ptr, offs_nc, mask_nc, 1, t, plane_stride, C, EVEN_N)
-                w2 = _plane(words_ptr, offs_nc, mask_nc, 2, t, plane_stride, C, EVEN_N)
-            for which in tl.static_range(2):
-                xm = _x_slot(x_ptr, t, 30 + which, offs_c, K, TILE, C)
-                part += _slot3_tail(w0, w1, w2, which) * xm[None, :]
-                acc, part = _group_end(acc, part, scales_ptr, offs_n, mask_n, t, 30 + which, G, TILE, C, GROUP,
-                                       BITS)
-    y = tl.sum(acc, axis=1) - correction  # (BLOCK_N,) = Q x
-    if NORM == 1:
-        y = y * rstd
-    if NORM == 2:
-        rowsum = tl.load(rowsum_ptr + offs_n, mask=mask_n, other=0.0)
-        y = (y - mean * rowsum) * rstd
+        if NORM == 1:
+            y = y / tl.sqrt(sum_squares / K + eps)
+        else:
+            mean = sum_x / K
+            rstd = 1.0 / tl.sqrt(tl.maximum(sum_squares / K - mean * mean, 0.0) + eps)
+            rowsum = tl.load(rowsum_ptr + offs_n, mask=mask_n, other=0.0)
+            y = (y - mean * rowsum) * rstd
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
     y = y.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection, rounded as torch rounds it
@@ -559,10 +491,143 @@ def _tiled_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, res_ptr
     tl.store(out_ptr + offs_out, y_out.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
+@triton.jit
+def _tiled_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, res_ptr, rowsum_ptr, bias_ptr,
+                       partial_ptr, count_ptr, N, G, plane_stride, eps,
+                       K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       TILE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       NORM: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)  # which K split: tiles pid_s·TPS .. pid_s·TPS + TPS - 1
+    if USE_PDL:
+        _gdc_launch_dependents()
+    C: tl.constexpr = TILE // 32
+    TPS: tl.constexpr = KP // TILE // SPLIT  # tiles per split
+    PLANES: tl.constexpr = BITS
+    P: tl.constexpr = 10 if BITS == 3 else 32 // BITS  # regular slots per word
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, C)
+    offs_nc = offs_n[:, None].to(tl.int64) * (KP // 32) + offs_c[None, :]  # (BLOCK_N, C)
+    mask_nc = mask_n[:, None] & (offs_c < C)[None, :]
+    t0 = pid_s * TPS
+    # before the wait: the split's first tile of words, its groups' scales and zeros (none depend on x)
+    p0 = _plane(words_ptr, offs_nc, mask_nc, 0, t0, plane_stride, C, EVEN_N)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    p4 = p0
+    p5 = p0
+    p6 = p0
+    p7 = p0
+    if PLANES > 1:
+        p1 = _plane(words_ptr, offs_nc, mask_nc, 1, t0, plane_stride, C, EVEN_N)
+    if PLANES > 2:
+        p2 = _plane(words_ptr, offs_nc, mask_nc, 2, t0, plane_stride, C, EVEN_N)
+    if PLANES > 3:
+        p3 = _plane(words_ptr, offs_nc, mask_nc, 3, t0, plane_stride, C, EVEN_N)
+    if PLANES > 4:
+        p4 = _plane(words_ptr, offs_nc, mask_nc, 4, t0, plane_stride, C, EVEN_N)
+        p5 = _plane(words_ptr, offs_nc, mask_nc, 5, t0, plane_stride, C, EVEN_N)
+        p6 = _plane(words_ptr, offs_nc, mask_nc, 6, t0, plane_stride, C, EVEN_N)
+        p7 = _plane(words_ptr, offs_nc, mask_nc, 7, t0, plane_stride, C, EVEN_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    if GROUP <= TILE:  # the split's groups: g0 .. g0 + GPS - 1
+        GPS: tl.constexpr = TPS * (TILE // GROUP)
+        g_index = t0 * (TILE // GROUP) + offs_g
+        valid_g = (offs_g < GPS) & (g_index < G)
+    else:  # one group a row
+        g_index = offs_g
+        valid_g = offs_g < 1
+    mask_ng = mask_n[:, None] & valid_g[None, :]
+    scales = tl.load(scales_ptr + offs_n[:, None] * G + g_index[None, :], mask=mask_ng, other=0.0)
+    if HAS_ZEROS:
+        zeros = tl.load(zeros_ptr + offs_n[:, None] * G + g_index[None, :], mask=mask_ng, other=0).to(tl.float32)
+    else:
+        zeros = tl.full((BLOCK_N, BLOCK_G), 1 << (BITS - 1), tl.float32)
+    if USE_PDL:
+        _gdc_wait()  # x (and the residual) come from the previous kernel
+    # x summed per group of the split, S (BLOCK_G,)
+    if GROUP <= TILE:
+        offs_in = tl.arange(0, GROUP)
+        index = g_index[:, None] * GROUP + offs_in[None, :]  # (BLOCK_G, GROUP)
+        xg = tl.load(x_ptr + index, mask=valid_g[:, None] & (index < K), other=0.0).to(tl.float32)
+        group_sums = tl.sum(xg, axis=1)
+    else:
+        total = tl.zeros((TILE,), tl.float32)
+        for tt in tl.static_range(TPS):
+            offs_k = (t0 + tt) * TILE + tl.arange(0, TILE)
+            total += tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        group_sums = tl.where(offs_g == 0, tl.sum(total, axis=0), 0.0)
+    # Σ_g c·S_g, c = s·(2^b + z)
+    correction = tl.sum(scales * ((1 << BITS) + zeros) * group_sums[None, :], axis=1)  # (BLOCK_N,)
+    acc = tl.zeros((BLOCK_N, C), tl.float32)
+    part = tl.zeros((BLOCK_N, C), tl.float32)
+    for tt in tl.static_range(TPS):
+        t = t0 + tt
+        for i in tl.static_range(PLANES):
+            if tt == 0:
+                w = _pick(i, p0, p1, p2, p3, p4, p5, p6, p7)
+            else:
+                w = _plane(words_ptr, offs_nc, mask_nc, i, t, plane_stride, C, EVEN_N)
+            for j in tl.static_range(P):
+                xm = _x_slot(x_ptr, t, i * P + j, offs_c, K, TILE, C, EVEN_K)
+                part += _slot_value(w, j, BITS) * xm[None, :]
+                acc, part = _group_end(acc, part, scales_ptr, offs_n, mask_n, t, i * P + j, G, TILE, C, GROUP, BITS)
+        if BITS == 3:
+            if tt == 0:
+                w0 = p0
+                w1 = p1
+                w2 = p2
+            else:
+                w0 = _plane(words_ptr, offs_nc, mask_nc, 0, t, plane_stride, C, EVEN_N)
+                w1 = _plane(words_ptr, offs_nc, mask_nc, 1, t, plane_stride, C, EVEN_N)
+                w2 = _plane(words_ptr, offs_nc, mask_nc, 2, t, plane_stride, C, EVEN_N)
+            for which in tl.static_range(2):
+                xm = _x_slot(x_ptr, t, 30 + which, offs_c, K, TILE, C, EVEN_K)
+                part += _slot3_tail(w0, w1, w2, which) * xm[None, :]
+                acc, part = _group_end(acc, part, scales_ptr, offs_n, mask_n, t, 30 + which, G, TILE, C, GROUP,
+                                       BITS)
+    if GROUP > TILE:  # the row's one group closes here
+        a = tl.load(scales_ptr + offs_n * G, mask=mask_n, other=0.0) * (1 << BITS)
+        acc += a[:, None] * part
+    y = tl.sum(acc, axis=1) - correction  # (BLOCK_N,) this split's share of Q x
+    if SPLIT == 1:
+        _epilogue(y, x_ptr, out_ptr, res_ptr, rowsum_ptr, bias_ptr, offs_n, mask_n, pid, N, eps,
+                  K, NORM, ACT, RESIDUAL, HAS_BIAS, BLOCK_N)
+    else:  # fp32 atomics into a scratch row; the last split to arrive finishes (and zeroes the scratch)
+        tl.atomic_add(partial_ptr + offs_n, y, mask=mask_n)
+        arrived = tl.atomic_add(count_ptr + pid, 1)
+        if arrived == SPLIT - 1:
+            total_y = tl.atomic_add(partial_ptr + offs_n, tl.zeros_like(y), mask=mask_n)  # read at L2
+            tl.store(partial_ptr + offs_n, tl.zeros_like(y), mask=mask_n)  # the only program left on these rows
+            tl.store(count_ptr + pid, 0)
+            _epilogue(total_y, x_ptr, out_ptr, res_ptr, rowsum_ptr, bias_ptr, offs_n, mask_n, pid, N, eps,
+                      K, NORM, ACT, RESIDUAL, HAS_BIAS, BLOCK_N)
+
+
 def _use_pdl(pdl: bool) -> bool:
     import os
 
     return pdl and PDL_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def tile_count(in_features: int) -> int:
+    return tile_padded(in_features) // TILE_CODES
+
+
+def splits_for(weight: "TiledWeight", config: TiledConfig) -> int:
+    """K splits of one launch: tiles / config.tiles_per_program (1 when that does not divide)."""
+    tiles = tile_count(weight.in_features)
+    per = config.tiles_per_program
+    return tiles // per if per and tiles % per == 0 else 1
+
+
+def fits(weight: "TiledWeight", config: TiledConfig) -> bool:
+    """Whether ``config`` splits this weight's K as it says (its tiles per program divide the tiles)."""
+    per = config.tiles_per_program
+    return per == 0 or tile_count(weight.in_features) % per == 0
 
 
 def tiled_gemv(x: torch.Tensor, weight: TiledWeight, out: torch.Tensor, *, norm: int = NORM_NONE,
@@ -572,7 +637,9 @@ def tiled_gemv(x: torch.Tensor, weight: TiledWeight, out: torch.Tensor, *, norm:
 
     ``act=ACT_SILU_PAIR``: the weight's rows are interleaved [gate_0, up_0, gate_1, ...] and out is
     silu(gate)·up (N/2,). ``norm``: RMS or Layer, with the norm's weight already folded into Q (and
-    for LayerNorm ``weight.rowsum`` and ``weight.bias`` set). ``out`` may be ``residual``.
+    for LayerNorm ``weight.rowsum`` and ``weight.bias`` set). ``out`` may be ``residual``. With
+    ``config.tiles_per_program`` set, K is split over programs that add fp32 partials atomically
+    (the order of those additions is not fixed: the last bits may differ from run to run).
     """
     n, k = weight.out_features, weight.in_features
     if x.shape != (k,) or not x.is_contiguous():
@@ -587,19 +654,25 @@ def tiled_gemv(x: torch.Tensor, weight: TiledWeight, out: torch.Tensor, *, norm:
     kp = weight.words.shape[2] * 32
     group = weight.group if weight.group < k else kp
     groups = weight.scales.shape[1]
+    split = splits_for(weight, config)
+    tiles_per_split = kp // TILE_CODES // split
+    if group <= TILE_CODES:
+        block_g = max(2, triton.next_power_of_2(tiles_per_split * (TILE_CODES // group)))
+    else:
+        block_g = 2
+    rows = triton.cdiv(n, config.block_n)
+    partial, count = weight.scratch(rows) if split > 1 else (weight.scales, weight.scales)
     pdl = _use_pdl(pdl)
-    grid = (triton.cdiv(n, config.block_n),)
     scales = weight.scales
-    _tiled_gemv_kernel[grid](
+    _tiled_gemv_kernel[(rows, split)](
         x, weight.words, scales, weight.zeros if weight.zeros is not None else scales, out,
         residual if residual is not None else out,
         weight.rowsum if weight.rowsum is not None else scales, weight.bias if weight.bias is not None else scales,
-        n, groups, weight.words.stride(0), float(eps),
-        K=k, KP=kp, BITS=weight.bits, GROUP=group, TILE=TILE_CODES,
-        BLOCK_G=max(2, triton.next_power_of_2(groups)), HAS_ZEROS=weight.zeros is not None, NORM=norm,
-        ACT=act, RESIDUAL=residual is not None, HAS_BIAS=weight.bias is not None,
-        EVEN_N=n % config.block_n == 0, BLOCK_N=config.block_n, USE_PDL=pdl, num_warps=config.num_warps,
-        **({"launch_pdl": True} if pdl else {}))
+        partial, count, n, groups, weight.words.stride(0), float(eps),
+        K=k, KP=kp, BITS=weight.bits, GROUP=group, TILE=TILE_CODES, SPLIT=split, BLOCK_G=block_g,
+        HAS_ZEROS=weight.zeros is not None, NORM=norm, ACT=act, RESIDUAL=residual is not None,
+        HAS_BIAS=weight.bias is not None, EVEN_N=n % config.block_n == 0, EVEN_K=k % TILE_CODES == 0,
+        BLOCK_N=config.block_n, USE_PDL=pdl, num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
