@@ -204,6 +204,12 @@ def quant_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
 # The first sum runs per (row, column) in fp32 FMAs; a·(...) is one FMA per group; the c·S_g terms
 # of all groups are one small product per program, before the main loop.
 #
+# Parallelism.  A program reduces BLOCK_N rows over ``tiles_per_program`` tiles (0: all of K). With a
+# split, every program loads all its words (and its groups' scales and zeros) before PDL's wait, adds
+# its fp32 partial sums into the weight's scratch row with atomics, and counts itself in; the last of a
+# row block to arrive reads the sums, zeroes the scratch and applies the epilogue. (Whole-K programs
+# ran at 6-43% of copy bandwidth on the H200: one two-warp program per SM keeps too little in flight.)
+#
 # Norms are folded: the decoder quantizes W·diag(g) (g the norm's weight), so the kernel reads x
 # raw and applies RMSNorm as ``rstd · (Q x)`` and LayerNorm as ``rstd · (Q x - mean · rowsum(Q)) +
 # bias`` (bias = Q·diag(1/g)·b, precomputed).  Rounding: the product is rounded to x's dtype where
