@@ -12,7 +12,8 @@ Measured side by side in one run (rounds interleaved, medians and p10/p90 per st
     int8/int4/int3/int2   ``QuantStaticDecoder``: the same step, every GEMV the tiled dequant-GEMV
                (``quant_gemv.tiled_gemv``) on round-to-nearest codes: int8 per channel symmetric, the
                others in groups of 128, asymmetric; LM head int8 per channel; configs tuned per weight
-               family over ``quant_gemv.TILED_CANDIDATES`` (a local list of four)
+               family over ``quant_gemv.TILED_CANDIDATES`` (a local list of five: rows per
+               program, warps, K tiles per program)
 
 The decoders are timed from a prompt of ``--position`` tokens, the position reset before every
 round (their attention reads slots 0..position; the anchor reads all ``--context`` slots, masked).
@@ -29,9 +30,9 @@ with the same prologue/epilogue, relative error <= 2e-2); each decoder's prompt 
 greedy tokens of the int8 decoder against the bf16 StaticDecoder over 64 new tokens are recorded
 (agreement fraction, first divergence), not judged: the weights are random, top-2 gaps are small.
 
-Compiling: the tiled kernel is unrolled over K (all weight loads of a program can be in flight at
-once), so each specialization takes seconds to build; a pool of processes builds them all into
-Triton's cache while the anchor compiles.
+Compiling: the tiled kernel is unrolled over its program's tiles (all its weight loads can be in
+flight at once); a pool of processes builds every specialization into Triton's cache while the
+anchor compiles (whole-K programs took 15-65 s each to build; split ones about 2 s, on this CPU).
 
     PYTHONPATH=. python benchmarks/quant_decode_gpu.py --out $OUT/quant_decode_gpu.json
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/quant_decode_gpu.py --smoke   # tiny, CPU
