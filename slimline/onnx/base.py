@@ -101,7 +101,16 @@ def apply_rule(rule: ModuleType, model: ir.Model) -> RuleResult:
 
 
 def stamp(nodes: Iterable[ir.Node], rule_name: str, source: ir.Node) -> None:
-    """Name new nodes after the anchor they replace and record the rule that made them."""
+    """Name new nodes after the anchor they replace and record the rule that made them.
+
+    An unnamed anchor first gets a name no other node of its graph has (ONNX wants node names
+    unique, and the new nodes' names derive from it)."""
+    if not source.name and source.graph is not None:
+        taken = {part for node in source.graph if node.name for part in (node.name, node.name.split("/")[0])}
+        index = 0
+        while f"{source.op_type}_{index}" in taken:
+            index += 1
+        source.name = f"{source.op_type}_{index}"
     for index, node in enumerate(nodes):
         node.metadata_props[PASS_KEY] = rule_name
         node.metadata_props[SOURCE_KEY] = source.name or source.op_type

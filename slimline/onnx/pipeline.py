@@ -10,7 +10,8 @@ from types import ModuleType
 
 import onnx_ir as ir
 
-from slimline.onnx import attention_heads_3d, fuse_attention, unfuse_skip_layer_norm
+from slimline.onnx import (attention_heads_3d, fuse_attention, residual_into_gemm,
+                           unfuse_skip_layer_norm)
 from slimline.onnx.base import RuleResult, apply_rule, consumers, producer
 
 __all__ = ["RULES", "RULE_NAMES", "run_rules", "count_candidates", "add_feeds_layer_norm"]
@@ -19,6 +20,7 @@ RULES: list[ModuleType] = [
     fuse_attention,          # MatMul·Softmax·MatMul chains -> one ONNX Attention (opset 23+)
     attention_heads_3d,      # Reshape/Transpose head split and merge around Attention -> 3-D Attention
     unfuse_skip_layer_norm,  # ORT's SkipLayerNormalization (slow on CPU) -> Add + LayerNormalization
+    residual_into_gemm,      # x·W + b + r -> Gemm(x, W, C=r), b moved into the norm that made r
 ]
 RULE_NAMES = tuple(rule.NAME for rule in RULES)
 
