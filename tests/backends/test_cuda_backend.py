@@ -384,3 +384,59 @@ def test_lowrank_decoder_at_full_rank_reproduces_the_dense_decoder(family):
         expected = half.weights(half_tokens[:, :-1])[0][0]
     torch.testing.assert_close(half.logits, expected, rtol=1e-4, atol=1e-4)
     assert half.report["lowrank"]["fraction_layers"] <= 0.5
+
+
+_HOPPER_PTX = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from slimline.backends.cuda import decode_kernels as k
+
+def ptx(kernel, types, constants, num_warps):
+    signature = {arg: "constexpr" if arg in constants else types.get(arg, "i32") for arg in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names) if arg.endswith("_ptr")}
+    return triton.compile(ASTSource(kernel, signature, constants, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps}).asm["ptx"]
+
+try:
+    attention = ptx(k._attention_kernel, {
+        "qkv_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+        "position_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "counter_ptr": "*i32",
+        "out_ptr": "*bf16", "scale": "fp32"}, dict(H=4, HKV=2, D=16, BLOCK_S=64, BLOCKS_PER_SPLIT=1, BLOCK_P=4,
+                                                   USE_PDL=k.PDL_AVAILABLE), 4)
+    advance = ptx(k._advance_kernel, {"logits_ptr": "*bf16", "embedding_ptr": "*bf16", "x_ptr": "*bf16",
+                                      "token_ptr": "*i64", "position_ptr": "*i64", "history_ptr": "*i64"},
+                  dict(V=300, C=24, BLOCK_V=512, BLOCK_C=32, USE_PDL=k.PDL_AVAILABLE), 8)
+except Exception as error:  # no NVIDIA backend or ptxas here
+    print(json.dumps({"skip": f"{type(error).__name__}: {error}"[:300]}))
+    sys.exit(0)
+print(json.dumps({"attention": attention, "advance": advance, "pdl": k.PDL_AVAILABLE}))
+"""
+
+
+def test_decode_kernels_compile_for_hopper_with_the_ordering_the_combine_needs():
+    """sm_90 ahead of time, no GPU needed (a child process: the interpreter is off there): the attention's
+    count is one acq_rel atomic after a barrier and the merge reads the partials past L1; advance waits
+    for its predecessor and never lets its dependents start early."""
+    import json
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, "-c", _HOPPER_PTX], capture_output=True, text=True, env=environment,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    lines = [line.strip() for line in result["attention"].splitlines()]
+    count = next(i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line)
+    stores = [i for i, line in enumerate(lines[:count]) if line.lstrip("@%p0123456789 ").startswith("st.global")]
+    barriers = [i for i, line in enumerate(lines[:count]) if line.startswith("bar.sync")]
+    assert stores and barriers and barriers[-1] > stores[-1]  # every thread's partials are stored before the count
+    merge_loads = [line for line in lines[count:] if "ld.global" in line]
+    assert merge_loads and all("ld.global.cg" in line for line in merge_loads)
+    if result["pdl"]:
+        assert "griddepcontrol.wait" in result["advance"]
+        assert "griddepcontrol.launch_dependents" not in result["advance"]
