@@ -172,3 +172,28 @@ def test_tiled_refusals():
                       act=qg.ACT_SILU_PAIR, config=qg.TiledConfig(7, 1))
     with pytest.raises(SlimlineError, match="row sums"):
         qg.tiled_gemv(torch.randn(600, device=DEVICE), weight, torch.empty(8, device=DEVICE), norm=qg.NORM_LAYER)
+
+
+_COMPILE_TILED = """
+import json
+from slimline.backends.cuda.quant_gemv import TiledConfig, compile_tiled_for_target, ACT_SILU_PAIR
+print(json.dumps([compile_tiled_for_target(3, 2048, 128, TiledConfig(16, 2, 1), act=ACT_SILU_PAIR),
+                  compile_tiled_for_target(8, 512, None, TiledConfig(8, 1, 0), symmetric=True)]))
+"""
+
+
+def test_tiled_kernel_compiles_for_sm90():
+    """The split (atomics, PDL) and whole-K forms build for Hopper; the words load 16 bytes wide."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_TILED], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    split, whole = json.loads(done.stdout.strip().splitlines()[-1])
+    assert split["split"] == 4 and split["atomics"] >= 2 and whole["split"] == 1 and whole["atomics"] == 0
+    assert split["wide_loads"] >= 3 and whole["wide_loads"] >= 8  # a 16-byte load per plane of a tile at least

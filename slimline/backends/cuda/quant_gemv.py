@@ -604,7 +604,8 @@ def _tiled_gemv_kernel(x_ptr, words_ptr, scales_ptr, zeros_ptr, out_ptr, res_ptr
                   K, NORM, ACT, RESIDUAL, HAS_BIAS, BLOCK_N)
     else:  # fp32 atomics into a scratch row; the last split to arrive finishes (and zeroes the scratch)
         tl.atomic_add(partial_ptr + offs_n, y, mask=mask_n)
-        arrived = tl.atomic_add(count_ptr + pid, 1)
+        tl.debug_barrier()  # every thread's sums are in before the count (released by its acq_rel atomic)
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
             total_y = tl.atomic_add(partial_ptr + offs_n, tl.zeros_like(y), mask=mask_n)  # read at L2
             tl.store(partial_ptr + offs_n, tl.zeros_like(y), mask=mask_n)  # the only program left on these rows
@@ -702,3 +703,43 @@ def reference_gemv(x: torch.Tensor, weight: TiledWeight, *, norm: int = NORM_NON
     if residual is not None:
         y = y + residual.float()
     return y
+
+
+def compile_tiled_for_target(bits: int, in_features: int, group: int | None, config: TiledConfig, *,
+                             norm: int = NORM_RMS, act: int = ACT_NONE, residual: bool = False,
+                             symmetric: bool = False, arch: int = 90) -> dict:
+    """Compile one specialization of the tiled kernel for ``sm_{arch}`` without a GPU (not under
+    ``TRITON_INTERPRET``): the real compiler is stricter than the interpreter. Pointers and the
+    integer arguments are marked 16-divisible, as Triton's launcher specialises them on the GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kp = tile_padded(in_features)
+    group_codes = kp if group is None or group >= in_features else group
+    tiles = kp // TILE_CODES
+    split = tiles // config.tiles_per_program if config.tiles_per_program and tiles % config.tiles_per_program == 0 else 1
+    per_split = tiles // split
+    block_g = max(2, triton.next_power_of_2(per_split * TILE_CODES // group_codes)) if group_codes <= TILE_CODES else 2
+    constants = {"K": in_features, "KP": kp, "BITS": bits, "GROUP": group_codes, "TILE": TILE_CODES, "SPLIT": split,
+                 "BLOCK_G": block_g, "HAS_ZEROS": not symmetric, "NORM": norm, "ACT": act, "RESIDUAL": residual,
+                 "HAS_BIAS": False, "EVEN_N": True, "EVEN_K": in_features % TILE_CODES == 0,
+                 "BLOCK_N": config.block_n, "USE_PDL": PDL_AVAILABLE}
+    pointers = {"x_ptr": "bf16", "words_ptr": "i32", "scales_ptr": "fp32", "zeros_ptr": "u8", "out_ptr": "bf16",
+                "res_ptr": "bf16", "rowsum_ptr": "fp32", "bias_ptr": "fp32", "partial_ptr": "fp32", "count_ptr": "i32"}
+    signature, attrs = {}, {}
+    for index, name in enumerate(_tiled_gemv_kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name == "eps":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(_tiled_gemv_kernel, signature, constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+    ptx = compiled.asm["ptx"]
+    return {"config": config.label, "split": split, "shared_bytes": compiled.metadata.shared,
+            "wide_loads": ptx.count("ld.global.v4"), "atomics": ptx.count("atom.global")}
