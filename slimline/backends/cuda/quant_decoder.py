@@ -30,14 +30,13 @@ Shape legend: C model width, F MLP width, V vocabulary, K a matrix's input width
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from slimline.backends.cuda import quant_gemv as qg
-from slimline.backends.cuda.decoder import StaticDecoder
+from slimline.backends.cuda.decoder import StaticDecoder, _median_ms
 from slimline.errors import ConfigError
 from slimline.quant.scheme import QuantScheme, quantize_rtn
 
@@ -86,29 +85,6 @@ def quantize_matrix(weight: torch.Tensor, scheme: QuantScheme, norm_weight: torc
         tiled.rowsum = dequantized.sum(1).contiguous()
         tiled.bias = (dense @ norm_bias.float()).contiguous()
     return tiled, dense.to(weight.dtype)
-
-
-def _median_ms(fn: Callable[[], Any], reps: int = 10) -> float:
-    """Median ms of ``fn`` replayed as a CUDA graph (as StaticDecoder's tuner measures)."""
-    fn()
-    torch.cuda.synchronize()
-    run = fn
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    except Exception:  # noqa: BLE001 - time the launches instead
-        torch.cuda.synchronize()
-    run()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for index in range(reps):
-        start[index].record()
-        run()
-        end[index].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
 
 
 class QuantStaticDecoder(StaticDecoder):
