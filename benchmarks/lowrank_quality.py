@@ -9,6 +9,9 @@ For each trained reference model, for each target reduction of the Linear parame
     data-aware-uniform  whitened-or-plain per layer, the same ratio in every layer (no probes)
     data-aware+rec the data-aware ranks (the variant run before it), then PELA's recovery: ``--recover`` steps of feature
                    distillation (factors only, backbone frozen) on the calibration samples
+    data-aware+out the data-aware ranks, then ``--out-recover`` steps of recovery on the model's *outputs*
+                   (``recover_loss=--out-recover-loss``: relative squared error of the outputs,
+                   for MiniLM 2·(1 − embedding cosine); factors only) on the calibration samples
 
 Each variant runs the pass itself (capture → canonicalize_linear → lowrank) and the result is
 judged on held-out data the pass never saw:
@@ -16,11 +19,16 @@ judged on held-out data the pass never saw:
     vit        digits test split (360 images)              accuracy
     minilm     stdlib docstring sentences 0..N             mean embedding cosine, Spearman of
                                                            pairwise similarities (vs the original)
+                                                           (64 tokens, padded, as the quality harness)
     gpt-tiny   first --text-bytes of the stdlib validation bits/byte
     gpt-small  first --text-bytes of the stdlib validation bits/byte (a short slice on a CPU)
 
-Calibration (what the pass may look at): digits *train* images; docstring sentences after the
-evaluated ones; windows of the stdlib *training* stream. "Linear params" are the weights and
+Calibration (what the pass may look at): digits *train* images; for MiniLM ``--minilm-calibration``
+docstring sentences from :func:`calibration_sentences` (library files that gave no evaluated
+sentence), sorted by length and batched 16 at a time, each batch padded only to its longest
+sentence, batches in a seeded order: MiniLM is captured with a dynamic sequence length, so the
+covariances, the probes and the recovery see real tokens, not the 64-token padding the model
+masks out; windows of the stdlib *training* stream for the GPTs. "Linear params" are the weights and
 biases of every ``aten.linear`` site in the captured graph (a GPT's tied head is counted once and
 stays dense). Run::
 
@@ -62,7 +70,9 @@ VARIANTS = {
     "data-aware": dict(method="best", allocation="sensitivity"),
     "data-aware-uniform": dict(method="best", allocation="uniform"),  # no probes: cheap on big models
     "data-aware+rec": dict(method="best", allocation="sensitivity"),   # + recover, ranks reused
+    "data-aware+out": dict(method="best", allocation="sensitivity"),   # + output recovery, ranks reused
 }
+RECOVERY_VARIANTS = ("data-aware+rec", "data-aware+out")
 REDUCTIONS = (0.25, 0.40, 0.50)
 EXTRA_REDUCTIONS = {"minilm": (0.30,), "vit": (0.67, 0.80)}
 METRICS = {"vit": ("accuracy",), "minilm": ("embedding_cosine", "similarity_spearman"),
@@ -110,21 +120,77 @@ def _prepare_minilm(args) -> Evaluated:
 
     model = minilm.load_minilm()
     count = args.sentences
-    calibration_count = 16 * args.calibration_samples
-    everything = minilm.sentence_eval_set(count + calibration_count, batch_size=32)
-    eval_set = minilm.SentenceEvalSet(everything.input_ids[:count], everything.attention_mask[:count],
-                                      everything.sentences[:count], 32, None,
-                                      f"first {count} of {everything.description}").with_reference(model)
-    ids, mask = everything.input_ids[count:], everything.attention_mask[count:]
-    samples = [((ids[i:i + 16], mask[i:i + 16]), {}) for i in range(0, calibration_count, 16)]
-    graph = _canonical(model, samples[0][0], {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}})
+    eval_set = minilm.sentence_eval_set(count, batch_size=32).with_reference(model)
+    sentences, skipped = calibration_sentences(list(eval_set.sentences), args.minilm_calibration)
+    tokenizer = minilm.load_tokenizer()
+    lengths = [len(tokenizer(s, truncation=True, max_length=minilm.MAX_LENGTH)["input_ids"]) for s in sentences]
+    by_length = [s for _length, s in sorted(zip(lengths, sentences), key=lambda pair: pair[0])]
+    batches = [by_length[i:i + 16] for i in range(0, len(by_length) - 15, 16)]  # whole batches of 16
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+    samples = []
+    for index in order:
+        tokens = tokenizer(batches[index], padding="longest", truncation=True, max_length=minilm.MAX_LENGTH,
+                           return_tensors="pt")
+        samples.append(((tokens["input_ids"].long(), tokens["attention_mask"].long()), {}))
+    real = sum(int(sample[0][1].sum()) for sample in samples)
+    padded = sum(sample[0][1].numel() for sample in samples)
+    tokens = torch.export.Dim("tokens", min=2, max=512)
+    longest = max(range(len(samples)), key=lambda i: samples[i][0][0].shape[1])
+    graph = _canonical(model, samples[longest][0], {"input_ids": {0: "batch", 1: tokens},
+                                                    "attention_mask": {0: "batch", 1: tokens}})
 
     def evaluate(m):
         return {"embedding_cosine": embedding_cosine(m, eval_set),
                 "similarity_spearman": similarity_spearman(m, eval_set)}
 
     return Evaluated("minilm", graph, samples, evaluate, eval_set.description,
-                     f"{len(samples)} batches of 16 docstring sentences after the evaluated ones")
+                     f"{len(samples)} batches of 16 stdlib docstring sentences from files that gave no "
+                     f"evaluated sentence ({skipped} files skipped; batched by length, padded to each "
+                     f"batch's longest: {real} real tokens of {padded})")
+
+
+def calibration_sentences(evaluated: list[str], count: int) -> tuple[list[str], int]:
+    """Up to ``count`` docstring sentences of stdlib files that gave *no* evaluated sentence.
+
+    Every paragraph of every module, class and function docstring of the library (non-test) files
+    is split into sentences (20–300 characters, starting with a capital, ending in . ! or ?,
+    at least four words); files are visited in the order of the SHA-256 of their path, and a file
+    whose docstrings hold any evaluated sentence is skipped whole, so calibration and evaluation
+    share no text and no file. Returns the sentences and the number of files skipped.
+    """
+    import ast
+    import hashlib
+    import re
+
+    from slimline.models.corpus import list_sources, stdlib_root
+
+    ending = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+    root = stdlib_root()
+    files = sorted(list_sources(root, include_tests=False),
+                   key=lambda f: hashlib.sha256(f.path.encode()).hexdigest())
+    chosen, seen, skipped = [], set(evaluated), 0
+    for source in files:
+        try:
+            tree = ast.parse((root / source.path).read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for paragraph in (ast.get_docstring(node, clean=True) or "").split("\n\n"):
+                    found += ending.split(" ".join(paragraph.split()))
+        text = " ".join(" ".join(d.split()) for d in found)
+        if any(sentence in text for sentence in evaluated):
+            skipped += 1
+            continue
+        for sentence in found:
+            if 20 <= len(sentence) <= 300 and sentence[0].isupper() and sentence[-1] in ".!?" \
+                    and len(sentence.split()) >= 4 and sentence not in seen:
+                seen.add(sentence)
+                chosen.append(sentence)
+                if len(chosen) == count:
+                    return chosen, skipped
+    return chosen, skipped
 
 
 def _prepare_gpt(name: str, args) -> Evaluated:
@@ -171,6 +237,9 @@ def run_point(model: Evaluated, variant: str, reduction: float, args, ranks: dic
                    rank_multiple=args.rank_multiple)
     if variant == "data-aware+rec":
         options.update(recover=args.recover, recover_lr=args.recover_lr, ranks=ranks or {})
+    if variant == "data-aware+out":
+        options.update(recover=args.out_recover, recover_lr=args.out_recover_lr, recover_loss=args.out_recover_loss,
+                       recover_perturbation=args.out_recover_perturbation, ranks=ranks or {})
     config = lowrank.Config(**options)
     context = PassContext("cpu", "max", calibration=model.samples)
     start = time.perf_counter()
@@ -194,6 +263,8 @@ def run_point(model: Evaluated, variant: str, reduction: float, args, ranks: dic
              "reduction": round(1 - after / before, 4), **{k: float(v) for k, v in metrics.items()},
              "pass_seconds": round(seconds, 2), "eval_seconds": round(eval_seconds, 2),
              "methods_chosen": wins, "stats": result.stats, "layers": layers}
+    if variant in RECOVERY_VARIANTS:
+        point["recovery_options"] = {k: options[k] for k in options if k.startswith("recover")}
     return point, chosen
 
 
@@ -269,6 +340,11 @@ def markdown(results: dict) -> str:
             recovery = p.get("recovery")
             if recovery:
                 how = f"{recovery['steps']} steps, {recovery['seconds']:.0f} s (KL + feature + perturbation)"
+            elif p.get("recovery_options"):
+                o = p["recovery_options"]
+                how = (f"{o['recover']} steps, recover_lr {o['recover_lr']} "
+                       f"({o.get('recover_loss', 'features')} loss, perturbation {o.get('recover_perturbation', 0.1)})"
+                       + (", reverted" if p["stats"].get("recover_reverted") else ""))
             elif p["variant"] == "data-aware+rec":
                 steps = p["stats"].get("recover_steps", "?")
                 settings = {r["file"]: r["settings"] for r in results.get("runs", [])}.get(p.get("run"), {})
@@ -300,7 +376,7 @@ def plot(results: dict, path: Path) -> bool:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for axis, (name, metric) in zip(axes[0], panels):
         entry = results["models"][name]
-        for variant, marker in zip(VARIANTS, "os^d"):
+        for variant, marker in zip(VARIANTS, "os^dv"):
             points = sorted((p for p in entry["points"] if p["variant"] == variant), key=lambda p: p["reduction"])
             if not points:
                 continue
@@ -345,6 +421,12 @@ def main(argv: list[str] | None = None) -> dict:
                         choices=list(VARIANTS))
     parser.add_argument("--recover", type=int, default=100, help="recovery steps for data-aware+rec")
     parser.add_argument("--recover-lr", type=float, default=0.3)
+    parser.add_argument("--out-recover", type=int, default=300, help="recovery steps for data-aware+out")
+    parser.add_argument("--out-recover-lr", type=float, default=0.005)
+    parser.add_argument("--out-recover-loss", default="output", choices=["output", "both"])
+    parser.add_argument("--out-recover-perturbation", type=float, default=0.0)
+    parser.add_argument("--minilm-calibration", type=int, default=4800,
+                        help="MiniLM calibration sentences (files disjoint from the evaluated ones; whole batches of 16)")
     parser.add_argument("--rank-multiple", type=int, default=1)
     parser.add_argument("--calibration-samples", type=int, default=8)
     parser.add_argument("--sentences", type=int, default=512, help="MiniLM evaluation sentences")
@@ -354,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a result file whose data-aware ranks data-aware+rec reuses (skips re-probing)")
     parser.add_argument("--combine", nargs="+", default=None,
                         help="merge the models of these result files into --out (and its PNG), run nothing")
+    parser.add_argument("--drop", nargs="+", default=[],
+                        help="with --combine: models left out of inputs that are themselves combined files")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/lowrank_quality.json")
     args = parser.parse_args(argv)
@@ -363,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        return _combine(args.combine, out)
+        return _combine(args.combine, out, tuple(args.drop))
     results: dict[str, Any] = {
         "benchmark": "lowrank_quality", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": f"CPU ({platform.machine()}, {args.threads} threads, shared with other jobs)",
@@ -388,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
             ranks = _ranks_from(args.ranks_from, name, reduction) if args.ranks_from else None
             for variant in args.variants:
                 point, chosen = run_point(model, variant, reduction, args, ranks)
-                if variant.startswith("data-aware") and variant != "data-aware+rec":
+                if variant.startswith("data-aware") and variant not in RECOVERY_VARIANTS:
                     ranks = chosen  # the recovery variant starts from these ranks
                 entry["points"].append(point)
                 print(f"  {variant:15s} target {reduction:.2f} reduction {point['reduction']:.3f} "
@@ -415,18 +499,29 @@ def _ranks_from(path: str, name: str, reduction: float) -> dict | None:
     return None
 
 
-def _combine(paths: list[str], out: Path) -> dict:
-    """One result file (and plot) from several runs, e.g. models run in parallel processes."""
+def _combine(paths: list[str], out: Path, drop: tuple = ()) -> dict:
+    """One result file (and plot) from several runs, e.g. models run in parallel processes.
+
+    An input may itself be a combined file (it has ``runs``): its points keep the run they came
+    from, and the models named in ``drop`` are left out of it (rows being regenerated).
+    """
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    results = dict(parts[0], models={}, runs=[{"file": Path(path).name, "benchmark": part.get("benchmark"),
-                                                **{k: part[k] for k in ("date", "device", "settings")}}
-                                               for path, part in zip(paths, parts)])
+    runs = []
+    for path, part in zip(paths, parts):
+        if "runs" in part:
+            part["models"] = {k: v for k, v in part["models"].items() if k not in drop}
+            used = {p.get("run") for entry in part["models"].values() for p in entry.get("points", [])}
+            runs += [run for run in part["runs"] if run["file"] in used]
+        else:
+            runs.append({"file": Path(path).name, "benchmark": part.get("benchmark"),
+                         **{k: part[k] for k in ("date", "device", "settings")}})
+    results = dict(parts[0], models={}, runs=runs)
     for path, part in zip(paths, parts):  # a model in several files: its points are joined
         for name, entry in part["models"].items():
             if "points" not in entry:
                 continue
             for point in entry["points"]:
-                point["run"] = Path(path).name
+                point.setdefault("run", Path(path).name)
             if name in results["models"]:
                 mine = results["models"][name]
                 if mine["eval_data"] != entry["eval_data"] or mine["baseline"] != entry["baseline"]:
