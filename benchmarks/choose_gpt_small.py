@@ -98,6 +98,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2,
                         help="example batch (rows of 128 bytes): the shape optimized and timed")
     parser.add_argument("--variants", default="lossless,mix,lowrank,monarch,quantize")
+    parser.add_argument("--tune", default="lite", choices=("lite", "max", "cache"),
+                        help="cache: the choice ranks layers by the roofline model instead of timing them")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -122,10 +124,12 @@ def main() -> int:
     budget = Budget("bits_per_byte", args.budget, inputs=calibration)
     device = "cuda" if args.target == "cuda" else "cpu"
     if args.batch != example[0].shape[0]:
-        # rows of the same stream at the asked batch, after the calibration slice: the passes fit
-        # (whitening, recovery) on the example, and the budget must not be judged on the same bytes
-        start = offset + args.calibration_bytes + 1
-        rows_text = stream[start: start + args.batch * window]
+        # rows of training text at the asked batch: the passes fit (whitening, recovery) on the
+        # example, so it must share no bytes, and no files, with the text that judges the budget
+        # (bytes next to the calibration slice come from the same files, and a fit to them passed
+        # the budget on the calibration text and broke it on the held-out part)
+        start = args.calibration_bytes + 1 if args.calibration_source == "train" else 0
+        rows_text = corpus.train[start: start + args.batch * window]
         example = (torch.tensor(list(rows_text), dtype=torch.int64).view(args.batch, window),) + tuple(example[1:])
     example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
 
@@ -153,7 +157,7 @@ def main() -> int:
                                           example, target=args.target,
                                           mode="lossless" if name == "lossless" else "balanced",
                                           passes=passes[name],
-                                          budget=None if name == "lossless" else budget,
+                                          budget=None if name == "lossless" else budget, tune=args.tune,
                                           dynamic_shapes=reference_dynamic_shapes(args.model))
         except Exception as error:
             rows[name] = {"failed": f"{type(error).__name__}: {error}"[:400],
@@ -191,7 +195,7 @@ def main() -> int:
     }
     result = {"benchmark": "choose_gpt_small", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-              "target": args.target, "versions": _versions(), "load_average": os.getloadavg(),
+              "target": args.target, "tune": args.tune, "batch": args.batch, "versions": _versions(), "load_average": os.getloadavg(),
               "model": args.model, "example_shape": [list(t.shape) for t in example if isinstance(t, torch.Tensor)],
               "budget": {"metric": "bits_per_byte", "max_loss": args.budget,
                          "calibration": calibration.description, "heldout": heldout.description},
