@@ -118,6 +118,19 @@ class TextEvalSet:
         windows = data.unfold(0, window + 1, window).contiguous()  # (N, W+1)
         return cls(windows, batch_size, None, description)
 
+    def halves(self) -> tuple["TextEvalSet", "TextEvalSet"] | None:
+        """The first and the second half of the windows (None for fewer than two)."""
+        count = self.windows.shape[0]
+        if count < 2:
+            return None
+        middle = count // 2
+        parts = []
+        for rows, label in ((slice(0, middle), "first"), (slice(middle, count), "second")):
+            top1 = self.reference_top1[rows] if self.reference_top1 is not None else None
+            parts.append(replace(self, windows=self.windows[rows], reference_top1=top1,
+                                 description=f"{self.description} ({label} half)"))
+        return parts[0], parts[1]
+
     def with_reference(self, reference: Any) -> "TextEvalSet":
         """A copy holding ``reference``'s top-1 next-byte predictions, for :func:`top1_agreement`."""
         predictions = [logits.argmax(-1).cpu() for logits, _ in _text_batches(reference, self)]

@@ -108,3 +108,48 @@ def test_balanced_optimize_reports_the_choice_and_tune_off_skips_it():
     assert "implementation choice" in chosen.report.table()
     plain = slimline.optimize(model, (x,), mode="balanced", tune="off")
     assert "implementations" not in plain.report.tuning
+
+
+class _Halved:
+    """Budget data that halves itself: each half is the same rows, tagged with its name."""
+
+    def __init__(self, x: torch.Tensor, name: str = "whole"):
+        self.x, self.name = x, name
+
+    def halves(self):
+        return _Halved(self.x, "first"), _Halved(self.x, "second")
+
+
+def test_options_are_priced_on_one_half_of_the_data_and_the_mix_checked_on_the_other():
+    _model, x, graph, context = _graph_and_context()
+    reference = graph.run((x,), {})
+    seen: list[str] = []
+
+    def drift(module, inputs):  # relative output error: lower is better
+        seen.append(inputs.name)
+        return float((module(inputs.x) - reference).norm() / reference.norm())
+
+    specs = {s.name: s for s in (pass_spec(lowrank), pass_spec(monarch))}
+    budget = Budget(drift, 0.05, higher_is_better=False, inputs=_Halved(x))
+    result = choose(graph, specs, context, budget, timing="modelled",
+                    options=[Option("lowrank", "low-rank 50%", (("param_reduction", 0.5),))])
+    assert result.changed, "the near-low-rank tower must take some option"
+    # the original once per half, each option on the first half, the chosen set on the second
+    priced = sum(1 for layer in result.layers for c in layer.candidates if c.usable)
+    assert seen.count("first") == 1 + priced and "whole" not in seen
+    assert seen.count("second") >= 2
+    assert result.measured_loss <= budget.max_loss
+
+
+def test_text_halves_are_disjoint_and_keep_the_reference_rows():
+    from slimline.models.quality import TextEvalSet
+
+    text = bytes(range(256)) * 8
+    whole = TextEvalSet.from_bytes(text, 64, 4, None, "bytes")
+    top1 = torch.arange(whole.windows.shape[0] * 64).view(-1, 64)
+    whole = TextEvalSet(whole.windows, 4, top1, "bytes")
+    first, second = whole.halves()
+    assert torch.equal(torch.cat([first.windows, second.windows]), whole.windows)
+    assert torch.equal(torch.cat([first.reference_top1, second.reference_top1]), top1)
+    assert first.windows.shape[0] == whole.windows.shape[0] // 2 and "first half" in first.description
+    assert TextEvalSet.from_bytes(text[:65], 64).halves() is None
