@@ -76,7 +76,7 @@ RECOVERY_VARIANTS = ("data-aware+rec", "data-aware+out")
 REDUCTIONS = (0.25, 0.40, 0.50)
 EXTRA_REDUCTIONS = {"minilm": (0.30,), "vit": (0.67, 0.80)}
 METRICS = {"vit": ("accuracy",), "minilm": ("embedding_cosine", "similarity_spearman"),
-           "gpt-tiny": ("bits_per_byte",), "gpt-small": ("bits_per_byte",)}
+           "gpt-tiny": ("bits_per_byte",), "gpt-small": ("bits_per_byte",)}  # also the tables' order
 HIGHER_IS_BETTER = {"accuracy": True, "embedding_cosine": True, "similarity_spearman": True,
                     "bits_per_byte": False}
 
@@ -376,12 +376,12 @@ def plot(results: dict, path: Path) -> bool:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for axis, (name, metric) in zip(axes[0], panels):
         entry = results["models"][name]
-        for variant, marker in zip(VARIANTS, "os^dv"):
+        for index, (variant, marker) in enumerate(zip(VARIANTS, "os^dv")):  # one colour per variant
             points = sorted((p for p in entry["points"] if p["variant"] == variant), key=lambda p: p["reduction"])
             if not points:
                 continue
             axis.plot([100 * p["reduction"] for p in points], [p[metric] for p in points], marker=marker,
-                      label=variant)
+                      color=f"C{index}", label=variant)
         axis.axhline(entry["baseline"][metric], color="gray", linestyle=":", label="dense")
         targets = {("minilm", "embedding_cosine"): 0.98, ("minilm", "similarity_spearman"): 0.97}
         if (name, metric) in targets:
@@ -529,6 +529,9 @@ def _combine(paths: list[str], out: Path, drop: tuple = ()) -> dict:
                 mine["points"] += entry["points"]
             else:
                 results["models"][name] = entry
+    known = list(METRICS)  # models in one order whatever the inputs' order
+    results["models"] = dict(sorted(results["models"].items(),
+                                    key=lambda item: known.index(item[0]) if item[0] in known else len(known)))
     for entry in results["models"].values():
         order = list(VARIANTS)
         entry["points"].sort(key=lambda p: (p["target_reduction"], order.index(p["variant"])))
