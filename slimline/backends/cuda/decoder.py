@@ -505,13 +505,11 @@ class StaticDecoder:
         best: dict[str, float] = {}
         for name, launches in self._gemv_sites().items():
             timings[name] = {}
-            family_candidates = candidates or (self.kernels.GEMV_CANDIDATES_THIN if "." in name
-                                               else self.kernels.GEMV_CANDIDATES)
-            for config in family_candidates:
+            for config in self._tune_candidates(name, candidates):
                 def run_all(config=config, launches=launches):
                     for launch in launches:
                         launch(config)
-                key = "n{block_n}_k{block_k}_w{num_warps}".format(**config.to_json())
+                key = self._config_key(config)
                 try:
                     timings[name][key] = milliseconds = measure(run_all)
                 except Exception as error:  # a config that does not build here is skipped
@@ -521,8 +519,17 @@ class StaticDecoder:
                     self.configs[name], best[name] = config, milliseconds
         self.report["gemv_tuned_ms"] = best
         self.report["gemv_timings_ms"] = timings
+        self.report["gemv_configs"] = {name: config.to_json() for name, config in self.configs.items()}
         self.x.zero_()
         return timings
+
+    def _tune_candidates(self, family: str, candidates: tuple | None) -> tuple:
+        """The configs ``tune`` measures for one weight family."""
+        return candidates or (self.kernels.GEMV_CANDIDATES_THIN if "." in family else self.kernels.GEMV_CANDIDATES)
+
+    @staticmethod
+    def _config_key(config: Any) -> str:
+        return "n{block_n}_k{block_k}_w{num_warps}".format(**config.to_json())
 
     @torch.no_grad()
     def profile(self, measure: Callable[[Callable[[], Any]], float] | None = None) -> dict:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from slimline.backends.cuda import quant_gemv as qg
-from slimline.backends.cuda.decoder import StaticDecoder, _median_ms
+from slimline.backends.cuda.decoder import StaticDecoder
 from slimline.errors import ConfigError
 from slimline.quant.scheme import QuantScheme, quantize_rtn
 
@@ -181,36 +181,14 @@ class QuantStaticDecoder(StaticDecoder):
             found["head"] = [self.head_quant]
         return found
 
-    def tune(self, measure: Callable[[Callable[[], Any]], float] | None = None,
-             candidates: tuple | None = None) -> dict:
-        """Per family, the fastest of ``candidates`` (default :data:`quant_gemv.TILED_CANDIDATES`),
-        measured over all the family's layers in turn; a bf16 head tunes over the dense candidates."""
-        measure = measure or _median_ms
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        for buffer in (self.x, self.attended, self.hidden):  # never time on zeros
-            buffer.copy_(torch.randn(buffer.shape, generator=generator, device=self.device))
-        timings: dict[str, dict] = {}
-        best: dict[str, float] = {}
-        sites = self._gemv_sites()
-        for name, launches in sites.items():
-            dense_head = name == "head" and self.head_quant is None
-            options = self.kernels.GEMV_CANDIDATES if dense_head else [
-                c for c in (candidates or qg.TILED_CANDIDATES) if qg.fits(self.tiled_weights()[name][0], c)]
-            timings[name] = {}
-            for config in options:
-                def run_all(config=config, launches=launches):
-                    for launch in launches:
-                        launch(config)
-                key = "_".join(f"{k}{v}" for k, v in config.to_json().items())
-                try:
-                    timings[name][key] = milliseconds = measure(run_all)
-                except Exception as error:  # noqa: BLE001 - a config that does not build here is skipped
-                    timings[name][key] = f"{type(error).__name__}: {error}"[:200]
-                    continue
-                if name not in best or milliseconds < best[name]:
-                    self.configs[name], best[name] = config, milliseconds
-        self.report["gemv_tuned_ms"] = best
-        self.report["gemv_timings_ms"] = timings
-        self.report["gemv_configs"] = {name: config.to_json() for name, config in self.configs.items()}
-        self.x.zero_()
-        return timings
+    def _tune_candidates(self, family: str, candidates: tuple | None) -> list:
+        """``candidates`` (default :data:`quant_gemv.TILED_CANDIDATES`) that fit the family's packed
+        matrix; a bf16 head tunes over the dense candidates. :meth:`StaticDecoder.tune` measures them."""
+        if family == "head" and self.head_quant is None:
+            return list(self.kernels.GEMV_CANDIDATES)
+        weight = self.tiled_weights()[family][0]
+        return [c for c in (candidates or qg.TILED_CANDIDATES) if qg.fits(weight, c)]
+
+    @staticmethod
+    def _config_key(config: Any) -> str:
+        return "_".join(f"{k}{v}" for k, v in config.to_json().items())
